@@ -1,0 +1,101 @@
+"""Command line of the captioning toolkit: parse arguments, build configs, dispatch.
+
+    python main.py --mode train                          # demo data set, demo preset
+    python main.py --mode train --dataset_path DIR       # Flickr8k/30k/COCO in any supported layout
+    python main.py --mode test --image_path photo.jpg    # caption photos
+    python main.py --mode eval                           # score the test split
+    python main.py --mode extract --dataset_path DIR --features_dir OUT
+
+Each mode's work lives in its own module; this file only parses and dispatches.
+Modules are imported lazily so `--help` and bad flags answer fast.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+MODES = ("train", "test", "eval", "extract")
+
+
+def _config(cls, args: argparse.Namespace, **overrides):
+    """Build a config dataclass from the parsed flags that share its field names."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    values.update(overrides)
+    return cls(**values)
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Data set flags (owner: data_utils.py)."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset_path", default=None,
+                   help="data set folder (original Flickr8k, Kaggle captions.txt, or Karpathy JSON); "
+                        "default: the embedded demo data set")
+    g.add_argument("--dry_run", action="store_true",
+                   help="check the data, build the vocabulary, print a JSON summary and exit")
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Model and decoding flags (owner: model.py)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--beam_size", type=int, default=None, help="beam width for decoding")
+
+
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    """Training and extraction flags (owner: train.py)."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+def _add_infer_args(parser: argparse.ArgumentParser) -> None:
+    """Captioning and evaluation flags (owner: test.py, test_eval.py)."""
+    g = parser.add_argument_group("test / eval")
+    g.add_argument("--image_path", nargs="+", default=None,
+                   help="image file(s) or folder(s) to caption (test mode)")
+    g.add_argument("--checkpoint", default="weights/best.pt", help="checkpoint to load")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="main.py",
+        description="Image captioning: ResNet encoder + two-layer attention LSTM (Show, Attend and Tell).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--mode", choices=MODES, default="train", help="what to do")
+    parser.add_argument("--log_level", choices=("debug", "info", "warning", "error"), default="info",
+                        help="logging verbosity (stderr)")
+    _add_data_args(parser)
+    _add_model_args(parser)
+    _add_train_args(parser)
+    _add_infer_args(parser)
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.mode == "train" and args.dry_run:
+        import json
+
+        import data_utils
+
+        summary = data_utils.dry_run(_config(data_utils.DataConfig, args))
+        print(json.dumps(summary, indent=2))
+        return 0
+    raise ValueError(f"--mode {args.mode} is not implemented yet")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return _dispatch(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
