@@ -10,6 +10,7 @@ Never name a function `test_*` here: pytest would collect it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -40,3 +41,250 @@ def corpus_bleu(references: dict[str, list[str]], hypotheses: dict[str, str]) ->
     res = {k: [_as_text(h)] for k, h in hypotheses.items()}
     score, _ = Bleu(4).compute_score(gts, res, verbose=0)
     return [float(s) for s in score]
+
+
+# ---------------------------------------------------------------- tokenisation
+
+# pycocoevalcap's PTBTokenizer drops these tokens after tokenising. Its Java call lowercases
+# first, so the bracket codes come out as "-lrb-" and survive: the fallback keeps that quirk.
+_PTB_DROP = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
+                       ".", "?", "!", ",", ":", "-", "--", "...", ";"])
+JAVA_TOKENIZER = "PTBTokenizer (Stanford CoreNLP 3.4.1, Java), punctuation removed as in pycocoevalcap"
+FALLBACK_TOKENIZER = ("python PTB rule (test_eval.ptb_like_tokenize: lowercase, split clitics and "
+                      "punctuation as PTB does, drop pycocoevalcap's punctuation list)")
+
+
+def java_available() -> bool:
+    """True when a `java` that starts is on PATH (needed by the PTB tokenizer and METEOR)."""
+    import shutil
+    import subprocess
+
+    java = shutil.which("java")
+    if java is None:
+        return False
+    try:
+        return subprocess.run([java, "-version"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _java_ptb_lines(lines: list[str]) -> list[str]:
+    """Run the Stanford PTB tokenizer jar shipped with pycocoevalcap on lines (one out per in).
+
+    Same jar and options as pycocoevalcap's PTBTokenizer, but fed through stdin: its wrapper
+    writes a temporary file into site-packages (fails on a read-only install) and lets the
+    jar's progress line through to our stderr.
+    """
+    import subprocess
+    from pathlib import Path
+
+    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+
+    jar = Path(ptb.__file__).with_name(ptb.STANFORD_CORENLP_3_4_1_JAR)
+    text = "\n".join(line.replace("\n", " ").replace("\r", " ") for line in lines) + "\n"
+    proc = subprocess.run(["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer",
+                           "-preserveLines", "-lowerCase", "-encoding", "utf-8"],
+                          input=text.encode("utf-8"), capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"PTB tokenizer failed: {proc.stderr.decode(errors='replace').strip()[-300:]}")
+    out = proc.stdout.decode("utf-8").split("\n")
+    if out and out[-1] == "":
+        out = out[:-1]
+    if len(out) != len(lines):
+        raise RuntimeError(f"PTB tokenizer returned {len(out)} lines for {len(lines)} captions")
+    return [" ".join(w for w in line.split() if w not in _PTB_DROP) for line in out]
+
+
+# Rewrites the PTB tokenizer applies before splitting on spaces (already lowercased text).
+_ABBREVIATIONS = frozenset("mr mrs ms dr st jr sr vs etc inc ltd co mt ft jan feb mar apr jun jul aug "
+                           "sep sept oct nov dec".split())
+_CLITICS = frozenset(["n't", "'s", "'re", "'ve", "'m", "'ll", "'d"])
+_SPLIT_WORDS = {"cannot": "can not", "gonna": "gon na", "gotta": "got ta", "wanna": "wan na",
+                "lemme": "lem me", "gimme": "gim me", "dunno": "du n no"}
+
+
+def _ptb_like_line(text: str) -> list[str]:
+    import re
+
+    s = text.lower()
+    for a, b in (("\u2014", " -- "), ("\u2013", " -- "), ("\u201c", " `` "), ("\u201d", " '' "),
+                 ("\u2018", " ` "), ("\u2019", "'"), ("\u2026", " ... ")):
+        s = s.replace(a, b)
+    s = re.sub(r'"', " '' ", s)
+    s = re.sub(r"(^|\s)-(?=[a-z])", r"\1- ", s)
+    for br, code in (("(", "-lrb-"), (")", "-rrb-"), ("[", "-lsb-"), ("]", "-rsb-"),
+                     ("{", "-lcb-"), ("}", "-rcb-")):
+        s = s.replace(br, f" {code} ")
+    # Symbols PTB always splits off; '@', '/', '_' stay inside words.
+    s = re.sub(r"([#$%;?&=]|!+|\.\.\.|--)", r" \1 ", s)
+    # Commas and colons split unless between digits (1,000 and 3:30 stay whole).
+    s = re.sub(r"(?<!\d)([,:])|([,:])(?!\d)", lambda m: f" {m.group(0)} ", s)
+    tokens: list[str] = []
+    for word in s.split():
+        # Clitics: does n't, dog 's, they 're; a leading or lone quote is punctuation.
+        m = re.fullmatch(r"(.+?)(n't|'s|'re|'ve|'m|'ll|'d)", word)
+        if m and m.group(1) not in ("'", "`"):
+            word, clitic = m.group(1), m.group(2)
+        else:
+            clitic = None
+        pieces = [word]
+        if word in _CLITICS:
+            tokens.append(word)
+            continue
+        if word.startswith(("'", "`")) and len(word) > 1 and word not in ("''", "``"):
+            pieces = [word[0], word[1:]]
+        last = pieces[-1]
+        if last.endswith(("'", "`")) and len(last) > 1 and last not in ("''", "``"):
+            pieces[-1:] = [last[:-1], last[-1]]
+        last = pieces[-1]
+        # A final period splits off unless the word is an abbreviation (p.m., u.s., mr., u.).
+        if (last.endswith(".") and len(last) > 1 and last != "..."
+                and "." not in last[:-1] and last[:-1] not in _ABBREVIATIONS
+                and not (len(last) == 2 and last[0].isalpha())):
+            pieces[-1:] = [last[:-1], "."]
+        for piece in pieces:
+            tokens.extend(_SPLIT_WORDS.get(piece, piece).split())
+        if clitic:
+            tokens.append(clitic)
+    return tokens
+
+
+def ptb_like_tokenize(text: str) -> str:
+    """Java-less stand-in for pycocoevalcap's PTB tokenisation of one caption.
+
+    Lowercases, splits clitics ("does n't", "dog 's"), brackets ("-lrb-"), quotes and
+    punctuation the way Stanford's PTBTokenizer does on caption-like text, then drops the
+    same punctuation tokens as pycocoevalcap. Agrees with the Java path on Flickr8k's
+    captions (see tests/test_evaluation.py); exotic text (URLs, emoticons) may differ.
+    """
+    return " ".join(w for w in _ptb_like_line(text) if w not in _PTB_DROP)
+
+
+def tokenize_captions(captions: dict[str, list[str]], use_java: bool) -> tuple[dict[str, list[str]], str]:
+    """PTB-tokenise every caption, keeping the grouping per image; returns (tokenised, method)."""
+    keys = list(captions)
+    flat = [c for k in keys for c in captions[k]]
+    if use_java:
+        out, method = _java_ptb_lines(flat), JAVA_TOKENIZER
+    else:
+        out, method = [ptb_like_tokenize(c) for c in flat], FALLBACK_TOKENIZER
+    result: dict[str, list[str]] = {}
+    pos = 0
+    for k in keys:
+        n = len(captions[k])
+        result[k] = out[pos:pos + n]
+        pos += n
+    return result, method
+
+
+# ---------------------------------------------------------------- metrics
+
+# Name and meaning of each reported metric. pycocoevalcap's `Cider` class is CIDEr-D
+# (Vedantam et al. 2015): tf-idf n-gram vectors with clipped counts, a Gaussian length
+# penalty (sigma 6) and a x10 scale, no stemming; its idf comes from the references of the
+# images being scored, so the number depends on the split (as in every captioning paper).
+METRIC_NOTES = {
+    "BLEU-1": "pycocoevalcap Bleu(4), corpus level, closest reference length",
+    "BLEU-2": "pycocoevalcap Bleu(4), corpus level, closest reference length",
+    "BLEU-3": "pycocoevalcap Bleu(4), corpus level, closest reference length",
+    "BLEU-4": "pycocoevalcap Bleu(4), corpus level, closest reference length",
+    "METEOR": "pycocoevalcap Meteor (meteor-1.5.jar, -l en -norm), one process",
+    "ROUGE-L": "pycocoevalcap Rouge (LCS F-measure, beta 1.2), mean over images",
+    "CIDEr-D": "pycocoevalcap Cider: CIDEr-D (clipped tf-idf, Gaussian length penalty sigma 6, x10), "
+               "idf from this split's references",
+}
+METRICS = tuple(METRIC_NOTES)
+# Per-image score columns kept for the histograms (the corpus BLEU-4 is not a mean of these).
+PER_IMAGE = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+
+
+@dataclass
+class Scores:
+    """Corpus metrics (None = unavailable), per-image scores and how they were computed."""
+    metrics: dict[str, float | None]
+    per_image: dict[str, dict[str, float | None]]   # image -> metric -> score
+    tokenizer: str
+    meteor_note: str | None = None                  # why METEOR is missing, when it is
+
+
+class _MeteorProcess:
+    """One METEOR JVM for a whole evaluation (starting it costs seconds)."""
+
+    def __init__(self) -> None:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        self._meteor = Meteor()
+
+    def score(self, gts: dict[str, list[str]], res: dict[str, list[str]]) -> tuple[float, list[float]]:
+        score, scores = self._meteor.compute_score(gts, res)
+        return float(score), [float(s) for s in scores]
+
+    def close(self) -> None:
+        proc = self._meteor.meteor_p
+        if proc.poll() is None:
+            proc.stdin.close()
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> "_MeteorProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def score_captions(references: dict[str, list[str]], hypotheses: dict[str, str], *,
+                   use_java: bool | None = None, with_meteor: bool = True) -> Scores:
+    """Score one raw hypothesis per image against all its raw references (COCO caption metrics).
+
+    Both sides are PTB-tokenised first (Java; without Java the fallback rule, named in the
+    result). `use_java=None` detects Java. METEOR needs Java: without it, it is None and
+    `meteor_note` says why. Keys of `hypotheses` choose the images; each needs references.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if not hypotheses:
+        raise ValueError("nothing to score: no generated captions")
+    names = list(hypotheses)
+    missing = [k for k in names if not references.get(k)]
+    if missing:
+        raise ValueError(f"no reference captions for {len(missing)} image(s), e.g. {missing[0]!r}")
+    if use_java is None:
+        use_java = java_available()
+    gts, tokenizer = tokenize_captions({k: list(references[k]) for k in names}, use_java)
+    res_lists, _ = tokenize_captions({k: [hypotheses[k]] for k in names}, use_java)
+    res = {k: [v[0]] for k, v in res_lists.items()}
+
+    metrics: dict[str, float | None] = {}
+    per: dict[str, dict[str, float | None]] = {k: {} for k in names}
+    bleu, bleu_per = Bleu(4).compute_score(gts, res, verbose=0)
+    for n in range(4):
+        metrics[f"BLEU-{n + 1}"] = float(bleu[n])
+    for k, s in zip(names, bleu_per[3]):
+        per[k]["BLEU-4"] = float(s)
+
+    meteor_note = None
+    if use_java and with_meteor:
+        with _MeteorProcess() as meteor:
+            # METEOR reads one line per segment: an empty hypothesis would desynchronise it.
+            safe = {k: [v[0] if v[0].strip() else "<empty>"] for k, v in res.items()}
+            m, m_per = meteor.score(gts, safe)
+        metrics["METEOR"] = m
+        for k, s in zip(names, m_per):
+            per[k]["METEOR"] = s
+    else:
+        meteor_note = "METEOR unavailable: it needs Java (not found)" if not use_java else "METEOR skipped"
+        metrics["METEOR"] = None
+        for k in names:
+            per[k]["METEOR"] = None
+
+    rouge, rouge_per = Rouge().compute_score(gts, res)
+    metrics["ROUGE-L"] = float(rouge)
+    cider, cider_per = Cider().compute_score(gts, res)
+    metrics["CIDEr-D"] = float(cider)
+    for k, r, c in zip(names, rouge_per, cider_per):
+        per[k]["ROUGE-L"] = float(r)
+        per[k]["CIDEr-D"] = float(c)
+    return Scores({m: metrics[m] for m in METRICS}, per, tokenizer, meteor_note)
