@@ -10,7 +10,9 @@ Never name a function `test_*` here: pytest would collect it.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -288,3 +290,110 @@ def score_captions(references: dict[str, list[str]], hypotheses: dict[str, str],
         per[k]["ROUGE-L"] = float(r)
         per[k]["CIDEr-D"] = float(c)
     return Scores({m: metrics[m] for m in METRICS}, per, tokenizer, meteor_note)
+
+
+# ---------------------------------------------------------------- pictures
+
+def _density(values, grid):
+    """Gaussian kernel density of `values` on `grid` (Scott's bandwidth); None when degenerate."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    if v.size < 2 or float(v.std()) == 0.0:
+        return None
+    bw = 1.06 * v.std(ddof=1) * v.size ** (-1 / 5)
+    z = (grid[:, None] - v[None, :]) / bw  # (G, N)
+    return np.exp(-0.5 * z * z).sum(axis=1) / (v.size * bw * math.sqrt(2 * math.pi))
+
+
+def plot_score_histograms(per_image: dict[str, dict[str, float | None]], path: Path,
+                          title: str = "") -> Path:
+    """Histograms (density scale) with a kernel density curve of each per-image metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, metric in zip(axes.flat, PER_IMAGE):
+        values = [s[metric] for s in per_image.values() if s.get(metric) is not None]
+        ax.set_title(metric)
+        if not values:
+            ax.text(0.5, 0.5, f"{metric} unavailable", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        v = np.asarray(values, dtype=float)
+        bins = min(30, max(5, int(math.sqrt(v.size)) + 1))
+        ax.hist(v, bins=bins, density=True, color="#9ecae1", edgecolor="#3182bd", label="images")
+        lo, hi = float(v.min()), float(v.max())
+        pad = 0.05 * (hi - lo or 1.0)
+        grid = np.linspace(lo - pad, hi + pad, 200)
+        dens = _density(v, grid)
+        if dens is not None:
+            ax.plot(grid, dens, color="#08519c", lw=2, label="density")
+        ax.axvline(v.mean(), color="#de2d26", ls="--", lw=1.5, label=f"mean {v.mean():.3f}")
+        ax.set_xlabel(f"per-image {metric}")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "per-image scores", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_caption_grid(items: list[dict], path: Path, title: str = "", cols: int = 3) -> Path:
+    """Grid of images, each with its generated caption and two references underneath.
+
+    `items`: dicts with "image_path" (may be missing on disk: a grey box is drawn), "name",
+    "caption", "references" and optionally "score" (per-image CIDEr-D).
+    """
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    import data_utils
+
+    n = max(1, len(items))
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    # Each image gets a text panel under it, so captions never run into the next row.
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(4.2 * cols, 5.2 * rows), squeeze=False,
+                             gridspec_kw={"height_ratios": [3.2, 1.0] * rows})
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, item in enumerate(items):
+        ax, text_ax = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        img = None
+        p = item.get("image_path")
+        if p and Path(p).is_file():
+            try:
+                img = np.asarray(data_utils.load_image(p))
+            except (ValueError, OSError):
+                img = None
+        if img is None:
+            ax.imshow(np.full((8, 8, 3), 0.8))
+            ax.text(0.5, 0.5, "image file not available", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8)
+        else:
+            ax.imshow(img)
+        head = item["name"] if item.get("score") is None else f"{item['name']}  CIDEr-D {item['score']:.2f}"
+        ax.set_title(head, fontsize=8)
+        lines = [textwrap.fill("generated: " + (item["caption"] or "(empty)"), 50)]
+        for j, ref in enumerate(item["references"][:2], 1):
+            lines.append(textwrap.fill(f"ref {j}: {ref}", 50))
+        text_ax.text(0.0, 1.0, "\n".join(lines), transform=text_ax.transAxes, va="top", ha="left",
+                     fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
