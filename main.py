@@ -55,6 +55,21 @@ def _add_infer_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--image_path", nargs="+", default=None,
                    help="image file(s) or folder(s) to caption (test mode)")
     g.add_argument("--checkpoint", default="weights/best.pt", help="checkpoint to load")
+    g.add_argument("--output", default=None,
+                   help="test mode: write the captions to this .json file instead of printing them")
+    g.add_argument("--attention_map", nargs="?", const="", default=None, metavar="PATH",
+                   help="test mode: save attention figures (photo + one panel per word); the flag "
+                        "alone writes graphs/attention_<image>.png, PATH a .png file or a folder")
+    g.add_argument("--split", choices=("val", "test"), default="test",
+                   help="eval mode: the split to score")
+    g.add_argument("--results_dir", default=None,
+                   help="eval mode: where eval_<split>.json and captions_<split>.json go "
+                        "(None: the checkpoint's folder)")
+    g.add_argument("--grid_images", type=int, default=6,
+                   help="eval mode: images in the graphs/eval_<split>_grid.png picture")
+    g.add_argument("--java", action=argparse.BooleanOptionalAction, default=None,
+                   help="eval mode: PTB tokenizer and METEOR in Java (None: when Java is "
+                        "installed); --no-java uses the Python tokenisation rule, no METEOR")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +96,31 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         summary = data_utils.dry_run(_config(data_utils.DataConfig, args))
         print(json.dumps(summary, indent=2))
+        return 0
+    if args.mode == "test":
+        import model
+        import test
+
+        if not args.image_path:
+            raise ValueError("--mode test needs --image_path FILE_OR_FOLDER [...]")
+        test.run_test(args.image_path, args.checkpoint, _config(model.DecodeConfig, args),
+                      output=args.output, attention_map=args.attention_map,
+                      device=getattr(args, "device", None) or "auto",
+                      batch_size=getattr(args, "batch_size", None) or 16)
+        return 0
+    if args.mode == "eval":
+        import data_utils
+        import model
+        import test_eval
+
+        test_eval.run_evaluation(
+            args.checkpoint, _config(data_utils.DataConfig, args), _config(model.DecodeConfig, args),
+            split=args.split, features_dir=getattr(args, "features_dir", None),
+            batch_size=getattr(args, "batch_size", None) or 32,
+            num_workers=getattr(args, "num_workers", None) or 0,
+            device=getattr(args, "device", None) or "auto", results_dir=args.results_dir,
+            grid_images=args.grid_images, use_java=args.java,
+            use_wandb=bool(getattr(args, "wandb", False)))
         return 0
     raise ValueError(f"--mode {args.mode} is not implemented yet")
 

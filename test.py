@@ -95,6 +95,7 @@ class Captioner:
     transform: object      # PIL image -> (3, H, W) tensor
     device: object         # torch.device
     source: str            # the checkpoint path, for messages
+    epoch: int | None = None  # training epoch the checkpoint was saved at
 
 
 def load_captioner(checkpoint, device="auto", *, need_encoder: bool = True) -> Captioner:
@@ -121,7 +122,7 @@ def load_captioner(checkpoint, device="auto", *, need_encoder: bool = True) -> C
     dev = resolve_device(device)
     model.to(dev).eval()
     transform = model_mod.image_transform(cfg, train=False) if cfg.encoder != "features" else None
-    return Captioner(model, vocab, cfg, transform, dev, source)
+    return Captioner(model, vocab, cfg, transform, dev, source, ckpt.get("epoch"))
 
 
 def decode_images(captioner: Captioner, images: Sequence, decode_cfg):

@@ -397,3 +397,195 @@ def plot_caption_grid(items: list[dict], path: Path, title: str = "", cols: int 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------- the command
+
+def _decode_split(captioner, records, decode_cfg, *, features_dir=None, batch_size=32, num_workers=0):
+    """Decode every image of `records` exactly once; returns ({name: caption}, n_skipped, n_decoded)."""
+    import torch
+    from tqdm import tqdm
+
+    import data_utils
+    import model as model_mod
+
+    if features_dir is not None:
+        store = data_utils.FeatureStore.open(features_dir)
+        dataset = data_utils.ImageDataset(records, features=store)
+    else:
+        dataset = data_utils.ImageDataset(records, transform=captioner.transform)
+    loader = data_utils.make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers,
+                                    collate=data_utils.collate_images)
+    vocab, model = captioner.vocab, captioner.model
+    hypotheses: dict[str, str] = {}
+    skipped = decoded = 0
+    for batch in tqdm(loader, desc="decoding", unit="batch", leave=False):
+        skipped += int(getattr(batch, "n_skipped", 0))
+        feats = getattr(batch, "features", None)
+        images = getattr(batch, "images", None)
+        if images is None and feats is None:
+            continue  # every item of this batch was a corrupt image
+        with torch.inference_mode():
+            if feats is not None:
+                feats = feats.to(captioner.device, dtype=torch.float32)  # (B, P, C)
+            else:
+                feats = model.encode(images.to(captioner.device))  # (B, P, C)
+            out = model_mod.decode(model, feats, sos_id=vocab.sos_id, eos_id=vocab.eos_id,
+                                   unk_id=vocab.unk_id, cfg=decode_cfg)
+        idx = [int(i) for i in batch.image_idx]
+        assert len(idx) == len(out.tokens)
+        for i, ids in zip(idx, out.tokens):
+            name = records[i].name
+            assert name not in hypotheses, f"image {name} decoded twice"
+            hypotheses[name] = " ".join(vocab.decode(ids))
+        decoded += len(idx)
+    return hypotheses, skipped, decoded
+
+
+def format_table(metrics: dict[str, float | None]) -> str:
+    """The metrics as a two-column text table (scores x 100 except CIDEr-D, as papers print them)."""
+    width = max(len(m) for m in metrics)
+    lines = [f"{'metric':<{width}}  score", f"{'-' * width}  -----"]
+    for m, v in metrics.items():
+        lines.append(f"{m:<{width}}  {'n/a' if v is None else f'{v:.4f}'}")
+    return "\n".join(lines)
+
+
+def _grid_items(records, hypotheses, per_image, n: int) -> list[dict]:
+    """N images spread evenly over the split (deterministic), with their captions."""
+    scored = [r for r in records if r.name in hypotheses]
+    if n <= 0 or not scored:
+        return []
+    step = max(1, len(scored) // n)
+    chosen = scored[::step][:n]
+    return [{"image_path": str(r.path) if getattr(r, "path", None) else None, "name": r.name,
+             "caption": hypotheses[r.name], "references": list(r.captions),
+             "score": per_image.get(r.name, {}).get("CIDEr-D")} for r in chosen]
+
+
+def _write_json(path: Path, obj) -> None:
+    import json
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_evaluation(checkpoint_path, data_cfg, decode_cfg, *, split: str = "test",
+                   features_dir=None, batch_size: int = 32, num_workers: int = 0,
+                   device: str = "auto", results_dir=None, graphs_dir=Path("graphs"),
+                   grid_images: int = 6, use_java: bool | None = None, use_wandb: bool = False,
+                   wandb_project: str = "image-captioning") -> dict:
+    """`--mode eval`: decode every image of `split` once, score it, write results and pictures.
+
+    Writes `eval_<split>.json` (metrics, how they were computed, decoding settings, checkpoint,
+    image counts, timings, per-image scores) and `captions_<split>.json` (COCO results format:
+    [{"image_id", "caption"}]) in `results_dir` (default: the checkpoint's folder), and
+    `eval_<split>_scores.png` / `eval_<split>_grid.png` in `graphs_dir`. Prints the metrics
+    table. Returns the summary written to `eval_<split>.json`.
+    """
+    import dataclasses
+    import time
+
+    import data_utils
+    import test as captioning
+
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"--split {split!r}: expected train, val or test")
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+    checkpoint_path = Path(checkpoint_path)
+    captioner = captioning.load_captioner(checkpoint_path, device, need_encoder=features_dir is None)
+    if features_dir is None and captioner.transform is None:
+        raise ValueError(f"checkpoint {checkpoint_path} was trained on precomputed features: pass "
+                         f"--features_dir with the features of this data set")
+    if features_dir is not None:
+        features_dir = Path(features_dir)
+        if not features_dir.is_dir():
+            raise FileNotFoundError(f"features directory {features_dir} does not exist")
+
+    splits = data_utils.load_dataset(data_cfg)
+    records = list(getattr(splits, split))
+    if not records:
+        raise ValueError(f"the {split} split of {splits.root} is empty: nothing to evaluate")
+    logger.info("evaluating %s: %d images of the %s split of %s", checkpoint_path, len(records),
+                split, splits.root)
+
+    t0 = time.perf_counter()
+    hypotheses, skipped, decoded = _decode_split(captioner, records, decode_cfg, features_dir=features_dir,
+                                                 batch_size=batch_size, num_workers=num_workers)
+    t_decode = time.perf_counter() - t0
+    if not hypotheses:
+        raise ValueError(f"no image of the {split} split could be read ({skipped} skipped)")
+    references = {r.name: list(r.captions) for r in records if r.name in hypotheses}
+    t1 = time.perf_counter()
+    scores = score_captions(references, hypotheses, use_java=use_java)
+    t_score = time.perf_counter() - t1
+
+    results_dir = Path(results_dir) if results_dir is not None else checkpoint_path.parent
+    eval_path = results_dir / f"eval_{split}.json"
+    captions_path = results_dir / f"captions_{split}.json"
+    summary = {
+        "split": split,
+        "data": {"root": str(splits.root), "layout": splits.layout,
+                 "features_dir": str(features_dir) if features_dir else None},
+        "checkpoint": str(checkpoint_path),
+        "epoch": captioner.epoch,
+        "encoder": captioner.model_cfg.encoder,
+        "decoding": dataclasses.asdict(decode_cfg),
+        "num_images": len(hypotheses),
+        "num_skipped": skipped,
+        "num_references": sum(len(v) for v in references.values()),
+        "metrics": scores.metrics,
+        "metric_notes": {m: METRIC_NOTES[m] for m in scores.metrics},
+        "tokenizer": scores.tokenizer,
+        "meteor_note": scores.meteor_note,
+        "timing": {"decode_s": round(t_decode, 3), "score_s": round(t_score, 3),
+                   "images_per_s_decode": round(decoded / t_decode, 2) if t_decode > 0 else None,
+                   "images_per_s_total": round(decoded / (t_decode + t_score), 2),
+                   "device": str(captioner.device)},
+        "results_file": str(captions_path),
+        "per_image": {k: {"caption": hypotheses[k], **scores.per_image[k]} for k in hypotheses},
+    }
+    _write_json(captions_path, [{"image_id": k, "caption": v} for k, v in hypotheses.items()])
+
+    label = f"{split} split, {len(hypotheses)} images, beam {decode_cfg.beam_size}"
+    graphs_dir = Path(graphs_dir)
+    hist_path = plot_score_histograms(scores.per_image, graphs_dir / f"eval_{split}_scores.png",
+                                      title=f"per-image scores ({label})")
+    grid_path = plot_caption_grid(_grid_items(records, hypotheses, scores.per_image, grid_images),
+                                  graphs_dir / f"eval_{split}_grid.png", title=f"generated vs reference ({label})")
+    summary["figures"] = {"histograms": str(hist_path), "grid": str(grid_path)}
+    _write_json(eval_path, summary)
+
+    print(format_table(scores.metrics))
+    print(f"{len(hypotheses)} images ({skipped} skipped), tokenizer: {scores.tokenizer}")
+    if scores.meteor_note:
+        print(scores.meteor_note)
+    print(f"decoding {summary['timing']['images_per_s_decode']} images/s, "
+          f"scoring {t_score:.1f} s; wrote {eval_path} and {captions_path}")
+    if use_wandb:
+        _log_wandb(summary, hist_path, grid_path, wandb_project)
+    return summary
+
+
+def _log_wandb(summary: dict, hist_path: Path, grid_path: Path, project: str) -> None:
+    """Log metrics, the per-image table and both pictures to Weights & Biases (lazy import)."""
+    import wandb
+
+    split = summary["split"]
+    run = wandb.init(project=project, job_type="eval", config={"checkpoint": summary["checkpoint"],
+                                                               "split": split, **summary["decoding"]})
+    try:
+        run.log({f"eval_{split}/{m}": v for m, v in summary["metrics"].items() if v is not None})
+        cols = ["image", "caption", *PER_IMAGE]
+        table = wandb.Table(columns=cols)
+        for name, row in summary["per_image"].items():
+            table.add_data(name, row["caption"], *(row.get(m) for m in PER_IMAGE))
+        run.log({f"eval_{split}/per_image": table,
+                 f"eval_{split}/histograms": wandb.Image(str(hist_path)),
+                 f"eval_{split}/grid": wandb.Image(str(grid_path))})
+    finally:
+        run.finish()
