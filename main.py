@@ -39,8 +39,40 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     """Model and decoding flags (owner: model.py)."""
+    # Defaults live in model.ModelConfig / model.DecodeConfig (None here = "use the config's"), so
+    # parsing never imports torch; the help states them.
     g = parser.add_argument_group("model")
-    g.add_argument("--beam_size", type=int, default=None, help="beam width for decoding")
+    g.add_argument("--encoder", default=None,
+                   choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "inception_v3"),
+                   help="image encoder backbone [resnet50]")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="ImageNet weights through torchvision (torch hub cache) [on]")
+    g.add_argument("--encoder_weights", default=None, metavar="PATH",
+                   help="local torchvision state-dict file for the encoder, instead of the download")
+    g.add_argument("--encoded_size", type=int, default=None,
+                   help="pool the encoder's feature map to S x S positions [14]")
+    g.add_argument("--image_size", type=int, default=None,
+                   help="input crop size [the encoder's own: 224, 299 for inception_v3]")
+    g.add_argument("--encoder_proj_dim", type=int, default=None,
+                   help="1x1 conv reducing encoder channels to N before attention; 0 = off [0]")
+    g.add_argument("--fine_tune_encoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the encoder's last stages too [off]")
+    g.add_argument("--embed_dim", type=int, default=None, help="word embedding size [512]")
+    g.add_argument("--attention_dim", type=int, default=None, help="attention size [512]")
+    g.add_argument("--decoder_dim", type=int, default=None, help="LSTM hidden size [512]")
+    g.add_argument("--num_layers", type=int, default=None, help="stacked LSTM layers [2]")
+    g.add_argument("--dropout", type=float, default=None, help="dropout in the decoder [0.5]")
+    g.add_argument("--alpha_c", type=float, default=None,
+                   help="weight of the doubly stochastic attention regularisation [1.0]")
+    g = parser.add_argument_group("decoding")
+    g.add_argument("--beam_size", type=int, default=None, help="beam width; 1 = greedy [5]")
+    g.add_argument("--max_len", type=int, default=None, help="most tokens generated per caption [35]")
+    g.add_argument("--length_penalty", type=float, default=None,
+                   help="rank beams by log-prob / length**penalty; 0 = off [0.0]")
+    g.add_argument("--block_repeat_trigrams", action=argparse.BooleanOptionalAction, default=None,
+                   help="never repeat a word trigram within a caption [off]")
+    g.add_argument("--suppress_unk", action=argparse.BooleanOptionalAction, default=None,
+                   help="never emit <unk> [on]")
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:

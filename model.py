@@ -1,0 +1,663 @@
+"""Show, Attend and Tell with a torchvision encoder and a two-layer attention LSTM.
+
+Encoder (ResNet-18..152 or Inception v3, average pool and classifier removed) -> adaptive pool to
+S x S -> P = S*S positions of C channels. Decoder: soft additive attention over the positions, a
+sigmoid gate on the attended context, stacked LSTM layers whose first layer reads the word embedding
+and the gated context, initial states from the mean feature, output projection to the vocabulary.
+Greedy and beam search are batched over images.
+
+Letters in shape comments: B batch, T caption length (with <sos>/<eos>), L decoded length,
+P encoder positions, C encoder channels, D channels the decoder attends over (C, or
+encoder_proj_dim), E embedding, A attention, H hidden, V vocabulary, K beam size, N images,
+G LSTM gates (4H), Y layers.
+
+This module knows nothing of files on disk (except a weights file named in the config) or the CLI.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+ENCODERS = RESNETS + ("inception_v3", "features")
+# Channels of the last feature map of each backbone.
+_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
+             "inception_v3": 2048}
+_NATIVE_SIZE = {"inception_v3": 299}  # everything else: 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# A download that cannot connect must fail, not hang (torch.hub's urlopen has no timeout).
+DOWNLOAD_TIMEOUT_S = 30.0
+
+
+class EncoderWeightsError(ValueError):
+    """Pretrained encoder weights could not be downloaded or loaded."""
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int                       # V, from the vocabulary
+    encoder: str = "resnet50"             # resnet18/34/50/101/152, inception_v3, or "features" (no CNN)
+    pretrained: bool = True               # ImageNet weights through torchvision's weights API
+    encoder_weights: str | None = None    # local torchvision state-dict file instead of the download
+    encoded_size: int = 14                # adaptive pool of the feature map to S x S, P = S*S
+    image_size: int | None = None         # input crop; None: the encoder's native size (224; 299 Inception)
+    feature_dim: int = 2048               # C; set from the backbone, or by the caller from a features file
+    encoder_proj_dim: int = 0             # 1x1 conv C -> N before attention; 0 = off
+    fine_tune_encoder: bool = False       # train the encoder's last stages (frozen otherwise)
+    embed_dim: int = 512                  # E, word embedding
+    attention_dim: int = 512              # A, additive attention
+    decoder_dim: int = 512                # H, LSTM hidden size of each layer
+    num_layers: int = 2                   # stacked LSTM layers
+    dropout: float = 0.5                  # between LSTM layers and before the output projection
+    alpha_c: float = 1.0                  # weight of the doubly stochastic attention regularisation
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {self.encoder!r}; expected one of {', '.join(ENCODERS)}")
+        if self.encoder != "features":
+            # The backbone decides C; storing it keeps asdict(cfg) in a checkpoint self-describing.
+            object.__setattr__(self, "feature_dim", _CHANNELS[self.encoder])
+        if self.encoder == "features" and self.fine_tune_encoder:
+            raise ValueError("--fine_tune_encoder needs an image encoder, but the model reads cached features")
+        for name in ("vocab_size", "encoded_size", "feature_dim", "embed_dim", "attention_dim",
+                     "decoder_dim", "num_layers"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.vocab_size < 5:
+            raise ValueError(f"vocab_size must be at least 5 (4 special tokens and a word), got {self.vocab_size}")
+        if self.image_size is not None and self.image_size < 32:
+            raise ValueError(f"image_size must be at least 32 pixels (or None for the encoder's native size), "
+                             f"got {self.image_size}")
+        if self.encoder_proj_dim < 0:
+            raise ValueError(f"encoder_proj_dim must be 0 (off) or a positive channel count, got {self.encoder_proj_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.alpha_c < 0:
+            raise ValueError(f"alpha_c must be >= 0, got {self.alpha_c}")
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square crop the encoder sees."""
+        return self.image_size or _NATIVE_SIZE.get(self.encoder, 224)
+
+    @property
+    def num_positions(self) -> int:
+        """P for an image encoder (a features file brings its own)."""
+        return self.encoded_size * self.encoded_size
+
+    @property
+    def attend_dim(self) -> int:
+        """D: channels the decoder attends over."""
+        return self.encoder_proj_dim or self.feature_dim
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    beam_size: int = 5                    # K; 1 = greedy
+    max_len: int = 35                     # most tokens generated per caption (words and <eos>)
+    length_penalty: float = 0.0           # rank by score / length**penalty; 0 = raw log-probability
+    block_repeat_trigrams: bool = False   # never repeat a word trigram within a caption
+    suppress_unk: bool = True             # never emit <unk>
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
+        if self.max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
+        if self.length_penalty < 0:
+            raise ValueError(f"length_penalty must be >= 0, got {self.length_penalty}")
+
+
+@dataclass
+class Decoded:
+    tokens: list[list[int]]   # per image, without <sos>/<eos>
+    scores: list[float]       # per image, log-probability / length**length_penalty
+    alphas: list[Tensor]      # per image, (L, P) attention of each returned word
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder
+# --------------------------------------------------------------------------------------------
+
+def _torchvision_model(name: str) -> nn.Module:
+    import torchvision
+
+    if name == "inception_v3":
+        # aux_logits=True keeps the AuxLogits keys so ImageNet state dicts load strictly;
+        # the aux head is discarded below (only the feature map is used).
+        return torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    return getattr(torchvision.models, name)(weights=None)
+
+
+def _expected_cache_path(name: str) -> str:
+    import torchvision
+
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def _download_state_dict(name: str) -> dict[str, Tensor]:
+    """ImageNet weights through torchvision (read from the torch hub cache when already there)."""
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as exc:  # URLError, timeouts, HTTP errors, a truncated file: all mean "no weights"
+        raise EncoderWeightsError(
+            f"could not get ImageNet weights for {name} ({type(exc).__name__}: {exc}); either copy "
+            f"{os.path.basename(weights.url)} (from {weights.url}) to {_expected_cache_path(name)}, "
+            f"or pass --encoder_weights PATH to a local state-dict file (or --no-pretrained)") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+def _load_weights_file(backbone: nn.Module, name: str, path: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--encoder_weights {path}: no such file (expected a torchvision {name} state dict)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise EncoderWeightsError(f"--encoder_weights {path}: cannot read a state dict ({type(exc).__name__}: "
+                                  f"{exc})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise EncoderWeightsError(f"--encoder_weights {path}: expected a state dict (name -> tensor) of a "
+                                  f"torchvision {name}")
+    # Files saved from a DataParallel-wrapped model carry a "module." prefix.
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    result = backbone.load_state_dict(state, strict=False)
+    head = ("fc.", "AuxLogits.")  # the classifier is not used, so a file without it is fine
+    missing = [k for k in result.missing_keys if not k.startswith(head)]
+    if missing or result.unexpected_keys:
+        raise EncoderWeightsError(
+            f"--encoder_weights {path} does not fit a torchvision {name}: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})")
+
+
+class Encoder(nn.Module):
+    """A torchvision backbone without pooling and classifier: images (B,3,H,W) -> feats (B,P,C)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        name = cfg.encoder
+        backbone = _torchvision_model(name)
+        if cfg.encoder_weights:
+            _load_weights_file(backbone, name, cfg.encoder_weights)
+        elif cfg.pretrained:
+            backbone.load_state_dict(_download_state_dict(name), strict=False)
+        if name == "inception_v3":
+            names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
+                     "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
+                     "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+            tune_from = "Mixed_6a"
+        else:
+            names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+            tune_from = "layer2"  # the last three stages, as in the reference tutorial
+        self.name = name
+        self.body = nn.Sequential(*(getattr(backbone, n) for n in names))
+        self._tune_from = names.index(tune_from)
+        self.pool = nn.AdaptiveAvgPool2d(cfg.encoded_size)
+        self.channels = _CHANNELS[name]
+        self.fine_tune(cfg.fine_tune_encoder)
+
+    def fine_tune(self, enabled: bool) -> None:
+        """Frozen: nothing trains. Enabled: the last stages train, the stem stays frozen."""
+        for i, stage in enumerate(self.body):
+            for p in stage.parameters():
+                p.requires_grad_(enabled and i >= self._tune_from)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters the optimizer should get (its own learning rate); empty when frozen."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def train(self, mode: bool = True) -> "Encoder":
+        # BatchNorm keeps the ImageNet statistics even when fine-tuning: caption batches (as small
+        # as 4 end to end) give noisy batch statistics, and a frozen encoder must not drift.
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+    def forward(self, images: Tensor) -> Tensor:
+        if self.name == "inception_v3":
+            # torchvision's Inception v3 weights expect inputs scaled to [-1, 1]; this turns ImageNet
+            # normalisation into that, as the classifier's transform_input=True does.
+            mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+            std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+            images = (images * std + mean - 0.5) / 0.5  # (B, 3, H, W)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            x = self.body(images)  # (B, C, h, w)
+        x = self.pool(x)  # (B, C, S, S)
+        return x.flatten(2).transpose(1, 2).contiguous()  # (B, P, C)
+
+
+def image_transform(cfg: ModelConfig, train: bool) -> Callable:
+    """PIL image -> normalised tensor (3, size, size), the preprocessing the encoder was built for.
+
+    Training crops at random and jitters brightness/contrast very mildly; there is no horizontal
+    flip and no hue change, because captions name left/right and colours.
+    """
+    from torchvision import transforms as T
+
+    size = cfg.input_size
+    resize = round(size * 256 / 224)  # 256 for 224, 342 for 299: torchvision's own eval resize
+    steps: list = [T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True)]
+    if train:
+        steps += [T.RandomCrop(size), T.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.05)]
+    else:
+        steps += [T.CenterCrop(size)]
+    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoder
+# --------------------------------------------------------------------------------------------
+
+class AttentionDecoder(nn.Module):
+    """Two (num_layers) stacked LSTMs with gated soft attention over D-channel positions.
+
+    Speed choices (bench/bench_decoder.py measures them): the encoder-side attention projection is
+    computed once per image; the embedding's share of the first layer's gates and the output
+    projection run once for all steps as large matrix products; teacher forcing sorts captions by
+    length and shrinks the batch to the captions still running.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E, A, H, Y = cfg.embed_dim, cfg.attention_dim, cfg.decoder_dim, cfg.num_layers
+        C = cfg.feature_dim
+        D = cfg.attend_dim
+        self.cfg = cfg
+        # The 1x1 convolution over the feature map is a linear map of each position's channels.
+        self.feat_proj = nn.Linear(C, D) if cfg.encoder_proj_dim else None
+        self.embedding = nn.Embedding(cfg.vocab_size, E)
+        self.enc_att = nn.Linear(D, A)                     # encoder side of the additive attention
+        self.query = nn.Linear(H, A + D)                   # decoder side of attention and the context gate
+        self.full_att = nn.Linear(A, 1, bias=False)        # a bias would cancel in the softmax
+        self.init_state = nn.Linear(D, 2 * Y * H)          # h and c of every layer from the mean feature
+        # Gates are laid out (input, forget, output | cell) so one sigmoid and one tanh cover them.
+        self.emb_gates = nn.Linear(E, 4 * H)               # layer 1, word embedding share (+ bias)
+        self.ctx_gates = nn.Linear(D + H, 4 * H, bias=False)  # layer 1, [context, h] share
+        self.upper = nn.ModuleList(nn.Linear(2 * H, 4 * H) for _ in range(Y - 1))  # layers 2.., [h_below, h]
+        self.fc = nn.Linear(H, cfg.vocab_size)
+        self.dropout = cfg.dropout
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.uniform_(self.fc.weight, -0.1, 0.1)
+        nn.init.zeros_(self.fc.bias)
+        H = self.cfg.decoder_dim
+        for lin in [self.emb_gates, *self.upper]:
+            # Forget-gate bias 1: the usual LSTM start, remember by default.
+            nn.init.zeros_(lin.bias)
+            nn.init.ones_(lin.bias[H:2 * H])
+
+    # -- pieces shared by teacher forcing and decoding ------------------------------------------
+
+    def prepare(self, feats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-image work done once: feats (N,P,C) -> feats (N,P,D), enc_proj (N,P,A), h, c (Y,N,H)."""
+        if feats.dim() != 3 or feats.size(-1) != self.cfg.feature_dim:
+            raise ValueError(f"expected features (N, P, {self.cfg.feature_dim}), got {tuple(feats.shape)}")
+        if self.feat_proj is not None:
+            feats = self.feat_proj(feats)  # (N, P, D)
+        enc_proj = self.enc_att(feats)  # (N, P, A)
+        Y, H = self.cfg.num_layers, self.cfg.decoder_dim
+        init = self.init_state(feats.mean(dim=1))  # (N, 2*Y*H)
+        init = init.view(-1, 2, Y, H).permute(1, 2, 0, 3)  # (2, Y, N, H)
+        return feats, enc_proj, init[0].contiguous(), init[1].contiguous()
+
+    def attend(self, feats: Tensor, enc_proj: Tensor, h_top: Tensor) -> tuple[Tensor, Tensor]:
+        """Gated soft attention of K queries per image.
+
+        feats (N,P,D), enc_proj (N,P,A), h_top (N,K,H) -> context (N,K,D), alpha (N,K,P).
+        """
+        A = self.cfg.attention_dim
+        att_q, gate = self.query(h_top).split([A, feats.size(-1)], dim=-1)  # (N,K,A), (N,K,D)
+        hidden = torch.relu(enc_proj.unsqueeze(1) + att_q.unsqueeze(2))  # (N, K, P, A)
+        scores = self.full_att(hidden).squeeze(-1)  # (N, K, P)
+        alpha = torch.softmax(scores, dim=-1)  # (N, K, P)
+        context = torch.bmm(alpha, feats) * torch.sigmoid(gate)  # (N, K, D)
+        return context, alpha
+
+    @staticmethod
+    def _cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        H = c.size(-1)
+        ifo = torch.sigmoid(gates[..., :3 * H])  # (..., 3H)
+        g = torch.tanh(gates[..., 3 * H:])  # (..., H)
+        c = ifo[..., H:2 * H] * c + ifo[..., :H] * g  # (..., H)
+        h = ifo[..., 2 * H:] * torch.tanh(c)  # (..., H)
+        return h, c
+
+    def lstm(self, emb_gates: Tensor, context: Tensor, h: list[Tensor], c: list[Tensor]
+             ) -> tuple[list[Tensor], list[Tensor]]:
+        """One step of the stacked LSTM. emb_gates (M,G), context (M,D), h/c: Y tensors (M,H)."""
+        gates = torch.addmm(emb_gates, torch.cat([context, h[0]], dim=1), self.ctx_gates.weight.t())  # (M, G)
+        h0, c0 = self._cell(gates, c[0])
+        new_h, new_c = [h0], [c0]
+        for layer, lin in enumerate(self.upper, start=1):
+            below = F.dropout(new_h[-1], self.dropout, self.training)  # (M, H)
+            gates = lin(torch.cat([below, h[layer]], dim=1))  # (M, G)
+            hl, cl = self._cell(gates, c[layer])
+            new_h.append(hl)
+            new_c.append(cl)
+        return new_h, new_c
+
+    def step(self, words: Tensor, feats: Tensor, enc_proj: Tensor, h: Tensor, c: Tensor
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One decoding step for K hypotheses per image.
+
+        words (N,K), feats (N,P,D), enc_proj (N,P,A), h/c (Y,N,K,H)
+        -> log_probs (N,K,V), alpha (N,K,P), h, c (Y,N,K,H).
+        """
+        N, K = words.shape
+        context, alpha = self.attend(feats, enc_proj, h[-1])  # (N,K,D), (N,K,P)
+        emb_gates = self.emb_gates(self.embedding(words.reshape(-1)))  # (N*K, G)
+        hs, cs = self.lstm(emb_gates, context.reshape(N * K, -1), list(h.flatten(1, 2)), list(c.flatten(1, 2)))
+        logits = self.fc(hs[-1])  # (N*K, V)
+        log_probs = torch.log_softmax(logits, dim=-1).view(N, K, -1)  # (N, K, V)
+        h = torch.stack(hs).view(-1, N, K, hs[0].size(-1))  # (Y, N, K, H)
+        c = torch.stack(cs).view(-1, N, K, cs[0].size(-1))  # (Y, N, K, H)
+        return log_probs, alpha, h, c
+
+    # -- teacher forcing ------------------------------------------------------------------------
+
+    def forward(self, feats: Tensor, captions: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """feats (B,P,C), captions (B,T), lengths (B,) -> logits (B,T-1,V), alphas (B,T-1,P).
+
+        Outputs are in input order and padded to T-1 with zeros (the loss masks them), so every
+        DataParallel replica returns the same T.
+        """
+        B, T = captions.shape
+        steps = (lengths - 1).clamp(min=0, max=T - 1)  # (B,) real decoding steps
+        order = torch.argsort(steps, descending=True, stable=True)  # (B,)
+        steps_sorted = steps[order].tolist()
+        feats, enc_proj, h0, c0 = self.prepare(feats[order])  # (B,P,D), (B,P,A), (Y,B,H)
+        emb = self.embedding(captions[order, :-1])  # (B, T-1, E)
+        emb_gates = self.emb_gates(emb)  # (B, T-1, G)
+        h, c = list(h0), list(c0)
+        outs, att = [], []
+        for t in range(steps_sorted[0] if B else 0):
+            # Captions are sorted by length, so the ones still running are a prefix of the batch.
+            b = sum(1 for s in steps_sorted if s > t)
+            h = [x[:b] for x in h]
+            c = [x[:b] for x in c]
+            context, alpha = self.attend(feats[:b], enc_proj[:b], h[-1].unsqueeze(1))  # (b,1,D), (b,1,P)
+            h, c = self.lstm(emb_gates[:b, t], context.squeeze(1), h, c)
+            outs.append(h[-1])
+            att.append(alpha.squeeze(1))
+        return self._scatter_outputs(outs, att, order, feats, T)
+
+    def _scatter_outputs(self, outs: list[Tensor], att: list[Tensor], order: Tensor, feats: Tensor,
+                         T: int) -> tuple[Tensor, Tensor]:
+        """Per-step outputs of shrinking size -> padded (B,T-1,.) in input order; fc on real steps only."""
+        B, P, V = feats.size(0), feats.size(1), self.cfg.vocab_size
+        logits = feats.new_zeros(B * (T - 1), V)
+        alphas = feats.new_zeros(B * (T - 1), P)
+        if not outs:
+            return logits.view(B, T - 1, V), alphas.view(B, T - 1, P)
+        hidden = torch.cat(outs)  # (R, H), R = real steps of the batch, ordered by step
+        hidden = F.dropout(hidden, self.dropout, self.training)
+        rows = torch.cat([order[:x.size(0)] * (T - 1) + t for t, x in enumerate(outs)])  # (R,)
+        logits = logits.index_copy(0, rows, self.fc(hidden))  # (B*(T-1), V)
+        alphas = alphas.index_copy(0, rows, torch.cat(att))  # (B*(T-1), P)
+        return logits.view(B, T - 1, V), alphas.view(B, T - 1, P)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole model and loss
+# --------------------------------------------------------------------------------------------
+
+class CaptionModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg) if cfg.encoder != "features" else None
+        self.decoder = AttentionDecoder(cfg)
+
+    def encode(self, images: Tensor) -> Tensor:
+        """images (B,3,H,W) -> feats (B,P,C). A features model passes (B,P,C) features through."""
+        if self.encoder is None:
+            if images.dim() == 3:
+                return images
+            raise ValueError("this model was trained on cached features and has no image encoder; "
+                             "pass features (B, P, C)")
+        if images.dim() != 4 or images.size(1) != 3:
+            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+        return self.encoder(images)
+
+    def forward(self, inputs: Tensor, captions: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """inputs: images (B,3,H,W) or features (B,P,C) -> logits (B,T-1,V), alphas (B,T-1,P)."""
+        return self.decoder(self.encode(inputs), captions, lengths)
+
+
+def build_model(cfg: ModelConfig) -> CaptionModel:
+    """The model of `cfg`; raises EncoderWeightsError when pretrained weights cannot be had."""
+    return CaptionModel(cfg)
+
+
+def caption_loss(logits: Tensor, captions: Tensor, lengths: Tensor, alphas: Tensor, alpha_c: float
+                 ) -> tuple[Tensor, Tensor]:
+    """(loss, cross-entropy): mean cross-entropy over real tokens + alpha_c * attention regulariser.
+
+    logits (B,T-1,V), captions (B,T), lengths (B,) counting <sos> and <eos>, alphas (B,T-1,P).
+    The regulariser (Xu et al. 2015, eq. 14) pushes each position's attention summed over the real
+    steps towards 1; padded steps never count.
+    """
+    steps = logits.size(1)
+    mask = torch.arange(steps, device=logits.device) < (lengths.to(logits.device) - 1).unsqueeze(1)  # (B, T-1)
+    targets = captions[:, 1:steps + 1]  # (B, T-1)
+    ce = F.cross_entropy(logits[mask], targets[mask])
+    attention_sum = (alphas * mask.unsqueeze(-1)).sum(dim=1)  # (B, P)
+    reg = ((1.0 - attention_sum) ** 2).mean()
+    return ce + alpha_c * reg, ce
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+def _mask_log_probs(log_probs: Tensor, history: Tensor, *, sos_id: int, unk_id: int, cfg: DecodeConfig) -> Tensor:
+    """Forbid tokens: <sos> always, <unk> when suppressed, a trigram's repeat when blocked.
+
+    log_probs (N,K,V), history (N,K,t) of generated tokens.
+    """
+    log_probs[..., sos_id] = -math.inf
+    if cfg.suppress_unk:
+        log_probs[..., unk_id] = -math.inf
+    t = history.size(-1)
+    if cfg.block_repeat_trigrams and t >= 3:
+        # The next token would repeat a trigram when the last two tokens occurred earlier as a
+        # pair: ban whatever followed that pair. scatter_add keeps duplicates deterministic.
+        last2 = history[..., -2:]  # (N, K, 2)
+        match = (history[..., :-2] == last2[..., :1]) & (history[..., 1:-1] == last2[..., 1:])  # (N,K,t-2)
+        banned = torch.zeros_like(log_probs).scatter_add_(-1, history[..., 2:], match.to(log_probs.dtype))
+        log_probs.masked_fill_(banned > 0, -math.inf)
+    return log_probs
+
+
+def _normalise(score: Tensor, length: Tensor | float, penalty: float) -> Tensor:
+    return score / (length ** penalty) if penalty else score
+
+
+def _select(index: Tensor, *tensors: Tensor, dim: int = 0) -> list[Tensor]:
+    return [x.index_select(dim, index) for x in tensors]
+
+
+def _start(model: CaptionModel, feats: Tensor) -> tuple[AttentionDecoder, Tensor, Tensor, Tensor, Tensor]:
+    decoder = model.decoder
+    feats = model.encode(feats) if feats.dim() == 4 else feats
+    feats, enc_proj, h, c = decoder.prepare(feats)  # (N,P,D), (N,P,A), (Y,N,H)
+    return decoder, feats, enc_proj, h.unsqueeze(2), c.unsqueeze(2)  # h, c (Y,N,1,H)
+
+
+@torch.inference_mode()
+def greedy_decode(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: int, unk_id: int,
+                  cfg: DecodeConfig = DecodeConfig()) -> Decoded:
+    """Most likely next word at each step, batched over images (finished captions leave the batch).
+
+    feats (N,P,C) features (or images (N,3,H,W), encoded first) -> Decoded.
+    """
+    decoder, feats, enc_proj, h, c = _start(model, feats)
+    N, P = feats.size(0), feats.size(1)
+    out_tokens: list[list[int]] = [[] for _ in range(N)]
+    out_scores = [0.0] * N
+    out_alphas: list[Tensor] = [feats.new_zeros(0, P) for _ in range(N)]
+    live = torch.arange(N, device=feats.device)  # (n,) original index of each running caption
+    words = feats.new_full((N, 1), sos_id, dtype=torch.long)  # (n, 1)
+    history = words.new_zeros(N, 1, 0)  # (n, 1, t)
+    alpha_hist = feats.new_zeros(N, 0, P)  # (n, t, P)
+    scores = feats.new_zeros(N)  # (n,)
+    for t in range(cfg.max_len):
+        log_probs, alpha, h, c = decoder.step(words, feats, enc_proj, h, c)  # (n,1,V), (n,1,P)
+        log_probs = _mask_log_probs(log_probs, history, sos_id=sos_id, unk_id=unk_id, cfg=cfg)
+        best, words = log_probs.topk(1, dim=-1)  # (n,1,1): topk, as beam search, so ties break alike
+        words = words.squeeze(-1)  # (n, 1)
+        scores = scores + best.view(-1)
+        done = words.view(-1) == eos_id  # (n,)
+        history = torch.cat([history, words.unsqueeze(-1)], dim=-1)  # (n, 1, t+1)
+        alpha_hist = torch.cat([alpha_hist, alpha], dim=1)  # (n, t+1, P)
+        last = t == cfg.max_len - 1
+        if last:
+            done = torch.ones_like(done)
+        if bool(done.any()):
+            for j in done.nonzero().view(-1).tolist():
+                i = int(live[j])
+                toks = history[j, 0].tolist()
+                ended = toks[-1] == eos_id
+                n_words = len(toks) - 1 if ended else len(toks)
+                out_tokens[i] = toks[:n_words]
+                out_alphas[i] = alpha_hist[j, :n_words].clone()
+                out_scores[i] = float(_normalise(scores[j], float(len(toks)), cfg.length_penalty))
+            keep = (~done).nonzero().view(-1)  # (n',)
+            if keep.numel() == 0:
+                break
+            live, words, history, alpha_hist, scores, feats, enc_proj = _select(
+                keep, live, words, history, alpha_hist, scores, feats, enc_proj)
+            h, c = _select(keep, h, c, dim=1)
+    return Decoded(out_tokens, out_scores, out_alphas)
+
+
+@torch.inference_mode()
+def beam_search(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: int, unk_id: int,
+                cfg: DecodeConfig = DecodeConfig()) -> Decoded:
+    """Beam search, all beams of all images in one tensor; returns the best hypothesis per image.
+
+    An image is finished when K of its hypotheses have ended, or when no running beam can beat its
+    best ended one any more (that stop never changes the answer); it then leaves the batch. If no
+    hypothesis ends within max_len tokens, the best unfinished one is returned.
+    feats (N,P,C) features (or images (N,3,H,W), encoded first) -> Decoded.
+    """
+    K, lp = cfg.beam_size, cfg.length_penalty
+    decoder, feats, enc_proj, h, c = _start(model, feats)
+    N, P = feats.size(0), feats.size(1)
+    dev = feats.device
+    out_tokens: list[list[int]] = [[] for _ in range(N)]
+    out_scores = [0.0] * N
+    out_alphas: list[Tensor] = [feats.new_zeros(0, P) for _ in range(N)]
+    live = torch.arange(N, device=dev)  # (n,) original image of each running row
+    # Step 0 runs one beam per image (all K would be identical); later steps run K.
+    words = torch.full((N, 1), sos_id, dtype=torch.long, device=dev)  # (n, k)
+    scores = feats.new_zeros(N, 1)  # (n, k) summed log-probabilities
+    history = words.new_zeros(N, 1, 0)  # (n, k, t)
+    alpha_hist = feats.new_zeros(N, 1, 0, P)  # (n, k, t, P)
+    best_score = feats.new_full((N,), -math.inf)  # (n,) best ended hypothesis, normalised
+    best_tokens = words.new_zeros(N, cfg.max_len)  # (n, max_len)
+    best_len = words.new_zeros(N)  # (n,) tokens of it, <eos> included
+    best_alpha = feats.new_zeros(N, cfg.max_len, P)  # (n, max_len, P)
+    n_ended = words.new_zeros(N)  # (n,)
+    for t in range(cfg.max_len):
+        n, k = words.shape
+        log_probs, alpha, h, c = decoder.step(words, feats, enc_proj, h, c)  # (n,k,V), (n,k,P), (Y,n,k,H)
+        log_probs = _mask_log_probs(log_probs, history, sos_id=sos_id, unk_id=unk_id, cfg=cfg)
+        V = log_probs.size(-1)
+        cand = (scores.unsqueeze(-1) + log_probs).view(n, k * V)  # (n, k*V)
+        # 2K candidates always hold K that do not end: each beam has one <eos> candidate.
+        cand_scores, cand_ids = cand.topk(min(2 * K, k * V), dim=1)  # (n, 2K)
+        parent = cand_ids // V  # (n, 2K)
+        token = cand_ids % V  # (n, 2K)
+        ends = token == eos_id  # (n, 2K)
+        # Hypotheses ending here: only those ranked within the top K count, as in standard beam search.
+        ranked = torch.arange(cand_ids.size(1), device=dev) < K  # (2K,)
+        ended = ends & ranked & torch.isfinite(cand_scores)  # (n, 2K)
+        length = t + 1  # tokens including <eos>
+        if bool(ended.any()):
+            n_ended = n_ended + ended.sum(dim=1)
+            norm = torch.where(ended, _normalise(cand_scores, float(length), lp), -math.inf)  # (n, 2K)
+            top, top_j = norm.max(dim=1)  # (n,)
+            better = top > best_score  # (n,) strict: an earlier (shorter) tie stays
+            if bool(better.any()):
+                p = parent.gather(1, top_j.unsqueeze(1)).squeeze(1)  # (n,)
+                rows = torch.arange(n, device=dev)
+                toks = torch.cat([history[rows, p], token.gather(1, top_j.unsqueeze(1))], dim=1)  # (n, t+1)
+                alps = torch.cat([alpha_hist[rows, p], alpha[rows, p].unsqueeze(1)], dim=1)  # (n, t+1, P)
+                best_score = torch.where(better, top, best_score)
+                best_len = torch.where(better, torch.full_like(best_len, length), best_len)
+                best_tokens[better, :length] = toks[better]
+                best_alpha[better, :length] = alps[better]
+        # The next live beams: the K best candidates that do not end (stable sort keeps score order).
+        keep_j = torch.sort(ends.to(torch.uint8), dim=1, stable=True).indices[:, :K]  # (n, K)
+        parent = parent.gather(1, keep_j)  # (n, K)
+        words = token.gather(1, keep_j)  # (n, K)
+        scores = cand_scores.gather(1, keep_j)  # (n, K)
+        history = torch.cat([history.gather(1, parent.unsqueeze(-1).expand(-1, -1, history.size(-1))),
+                             words.unsqueeze(-1)], dim=-1)  # (n, K, t+1)
+        alpha_hist = torch.cat([alpha_hist.gather(1, parent.view(n, K, 1, 1).expand(-1, -1, t, P)),
+                                alpha.gather(1, parent.unsqueeze(-1).expand(-1, -1, P)).unsqueeze(2)],
+                               dim=2)  # (n, K, t+1, P)
+        idx = parent.unsqueeze(0).unsqueeze(-1).expand(h.size(0), -1, -1, h.size(-1))  # (Y, n, K, H)
+        h, c = h.gather(2, idx), c.gather(2, idx)  # (Y, n, K, H)
+        # Finished: K ended, or nothing running can still beat the best ended hypothesis (summed
+        # log-probabilities only fall; with a length penalty the bound divides by the longest length).
+        bound = _normalise(scores.max(dim=1).values, float(cfg.max_len) if lp else 1.0, lp)  # (n,)
+        done = (n_ended >= K) | ((n_ended > 0) & (best_score >= bound))  # (n,)
+        if t == cfg.max_len - 1:
+            done = torch.ones_like(done)
+        if bool(done.any()):
+            for j in done.nonzero().view(-1).tolist():
+                i = int(live[j])
+                if int(n_ended[j]) > 0:
+                    L = int(best_len[j]) - 1  # drop <eos>
+                    out_tokens[i] = best_tokens[j, :L].tolist()
+                    out_alphas[i] = best_alpha[j, :L].clone()
+                    out_scores[i] = float(best_score[j])
+                else:
+                    out_tokens[i] = history[j, 0].tolist()  # beam 0 is the best: topk sorts
+                    out_alphas[i] = alpha_hist[j, 0].clone()
+                    out_scores[i] = float(_normalise(scores[j, 0], float(history.size(-1)), lp))
+            keep = (~done).nonzero().view(-1)  # (n',)
+            if keep.numel() == 0:
+                break
+            (live, words, scores, history, alpha_hist, best_score, best_tokens, best_len, best_alpha, n_ended,
+             feats, enc_proj) = _select(keep, live, words, scores, history, alpha_hist, best_score, best_tokens,
+                                        best_len, best_alpha, n_ended, feats, enc_proj)
+            h, c = _select(keep, h, c, dim=1)
+    return Decoded(out_tokens, out_scores, out_alphas)
+
+
+def decode(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: int, unk_id: int,
+           cfg: DecodeConfig = DecodeConfig()) -> Decoded:
+    """Greedy when cfg.beam_size == 1, beam search otherwise."""
+    fn = greedy_decode if cfg.beam_size == 1 else beam_search
+    return fn(model, feats, sos_id=sos_id, eos_id=eos_id, unk_id=unk_id, cfg=cfg)
