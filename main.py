@@ -29,10 +29,35 @@ def _config(cls, args: argparse.Namespace, **overrides):
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     """Data set flags (owner: data_utils.py)."""
+    # Defaults live in data_utils.DataConfig (None here = "use the config's"), so parsing never
+    # imports torch; the help states them.
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_path", default=None,
-                   help="data set folder (original Flickr8k, Kaggle captions.txt, or Karpathy JSON); "
+                   help="data set folder, layout auto-detected: original Flickr8k (Flickr8k_text/), "
+                        "Kaggle (captions.txt + Images/) or Karpathy JSON (dataset_*.json); "
                         "default: the embedded demo data set")
+    g.add_argument("--captions_file", default=None, metavar="PATH",
+                   help="captions file, overriding detection (Flickr8k.token.txt, captions.txt CSV or "
+                        "Karpathy .json)")
+    g.add_argument("--images_dir", default=None, metavar="DIR",
+                   help="image folder, overriding detection")
+    g.add_argument("--hf_dataset", default=None, metavar="NAME_OR_PATH",
+                   help="Hugging Face data set: a save_to_disk folder, an imagefolder with a captions "
+                        "column, or a hub name (downloaded only then); needs `pip install datasets`")
+    g.add_argument("--hf_image_column", default=None, metavar="NAME",
+                   help="Hugging Face image column [image]")
+    g.add_argument("--hf_caption_columns", nargs="+", default=None, metavar="NAME",
+                   help="Hugging Face caption column(s): several string columns or one list column "
+                        "[guessed: caption_0..caption_4, captions, sentences, caption, text]")
+    g.add_argument("--min_word_freq", type=int, default=None,
+                   help="training words seen fewer times become <unk> [5]")
+    g.add_argument("--max_caption_len", type=int, default=None,
+                   help="words per caption; longer captions are truncated and counted [35]")
+    g.add_argument("--split_sizes", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
+                   help="images in train and val for seeded splits (Kaggle layout, demo, unsplit "
+                        "Hugging Face sets); the rest is test [6000 1000; 80/10/10 below 7,000 images]")
+    g.add_argument("--split_seed", type=int, default=None, help="seed of the split by image [0]")
+    g.add_argument("--num_workers", type=int, default=None, help="data loader worker processes [2]")
     g.add_argument("--dry_run", action="store_true",
                    help="check the data, build the vocabulary, print a JSON summary and exit")
 
