@@ -102,8 +102,54 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
     """Training and extraction flags (owner: train.py)."""
+    # Defaults live in train.TrainConfig (None here = "use the config's", and lets the demo preset
+    # tell a flag the user gave from one left alone); the help states them.
     g = parser.add_argument_group("training")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--epochs", type=int, default=None, help="most epochs; early stopping may end sooner [100]")
+    g.add_argument("--batch_size", type=int, default=None,
+                   help="captions per step (per process under torchrun) [128]")
+    g.add_argument("--lr", type=float, default=None, help="decoder learning rate [5e-4]")
+    g.add_argument("--encoder_lr", type=float, default=None,
+                   help="encoder learning rate with --fine_tune_encoder [1e-4]")
+    g.add_argument("--optimizer", choices=("adamw", "adam"), default=None, help="optimizer [adamw]")
+    g.add_argument("--weight_decay", type=float, default=None, help="weight decay [0.01]")
+    g.add_argument("--grad_clip", type=float, default=None,
+                   help="clip the gradient's global norm to this; 0 = off [5.0]")
+    g.add_argument("--patience", type=int, default=None,
+                   help="early stopping: epochs without a better validation BLEU-4; 0 = off [5]")
+    g.add_argument("--lr_patience", type=int, default=None,
+                   help="epochs without a better validation BLEU-4 before the lr drops [2]")
+    g.add_argument("--lr_factor", type=float, default=None, help="lr multiplier on a plateau [0.5]")
+    g.add_argument("--max_bad_steps", type=int, default=None,
+                   help="NaN/inf losses in a row that stop training [5]")
+    g.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default=None,
+                   help="mixed precision: auto = bf16 (else fp16 + gradient scaler) on CUDA, off on CPU [auto]")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="auto = cuda when available [auto]")
+    g.add_argument("--multi_gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="nn.DataParallel over the visible GPUs (for several machines use torchrun) [off]")
+    g.add_argument("--seed", type=int, default=None, help="random seed; CPU runs repeat exactly [0]")
+    g.add_argument("--resume", default=None, metavar="PATH|auto",
+                   help="continue training from a checkpoint; auto = <weights_dir>/last.pt")
+    g.add_argument("--weights_dir", default=None, help="checkpoints and history [weights]")
+    g.add_argument("--graphs_dir", default=None, help="loss.png and bleu.png [graphs]")
+    g.add_argument("--save_every", type=int, default=None,
+                   help="also keep weights_dir/epoch_NNN.pt every N epochs; 0 = off [0]")
+    g.add_argument("--keep_last", type=int, default=None,
+                   help="epoch_NNN.pt files to keep; 0 = all [0]")
+    g.add_argument("--features_dir", default=None, metavar="DIR",
+                   help="train/eval: a folder with features.npy (N x P x C) + names.json to train on "
+                        "(no CNN); extract mode: where to write them")
+    g.add_argument("--features_root", default=None,
+                   help="where a frozen encoder's features are cached [data/features]")
+    g.add_argument("--cache_features", action=argparse.BooleanOptionalAction, default=None,
+                   help="frozen encoder: run the CNN once per image and train on the cache [on]")
+    g.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default=None,
+                   help="Weights & Biases: auto = online with credentials, else offline [auto]")
+    g.add_argument("--wandb_project", default=None, help="wandb project [captioner]")
+    g.add_argument("--wandb_entity", default=None, help="wandb team or user [the account's default]")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="also write TensorBoard scalars and sample captions to weights_dir/runs/ [off]")
 
 
 def _add_infer_args(parser: argparse.ArgumentParser) -> None:
@@ -179,6 +225,24 @@ def _dispatch(args: argparse.Namespace) -> int:
             grid_images=args.grid_images, use_java=args.java,
             use_wandb=bool(getattr(args, "wandb", False)))
         return 0
+    if args.mode in ("train", "extract"):
+        import data_utils
+        import model
+        import train
+
+        if args.mode == "train" and train.is_demo(_config(data_utils.DataConfig, args)):
+            # The demo preset fills every field whose flag the user left at its default.
+            defaults = vars(build_parser().parse_args([]))
+            explicit = {k for k, v in vars(args).items() if v != defaults.get(k)}
+            for name, value in train.demo_overrides(explicit).items():
+                setattr(args, name, value)
+        data_cfg = _config(data_utils.DataConfig, args)
+        # vocab_size is a placeholder: training sets it from the vocabulary it builds.
+        model_cfg = _config(model.ModelConfig, args, vocab_size=len(data_utils.SPECIALS) + 1)
+        train_cfg = _config(train.TrainConfig, args)
+        if args.mode == "extract":
+            return train.run_extract(data_cfg, model_cfg, train_cfg)
+        return train.run_training(data_cfg, model_cfg, train_cfg)
     raise ValueError(f"--mode {args.mode} is not implemented yet")
 
 
