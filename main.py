@@ -220,7 +220,6 @@ def _dispatch(args: argparse.Namespace) -> int:
             args.checkpoint, _config(data_utils.DataConfig, args), _config(model.DecodeConfig, args),
             split=args.split, features_dir=getattr(args, "features_dir", None),
             batch_size=getattr(args, "batch_size", None) or 32,
-            num_workers=getattr(args, "num_workers", None) or 0,
             device=getattr(args, "device", None) or "auto", results_dir=args.results_dir,
             grid_images=args.grid_images, use_java=args.java,
             use_wandb=bool(getattr(args, "wandb", False)))

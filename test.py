@@ -27,9 +27,6 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 DEFAULT_GRAPHS_DIR = Path("graphs")
-# ImageNet statistics used by every torchvision encoder here; undone to show the photo.
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
 
 
 def resolve_device(device: str = "auto"):
@@ -96,6 +93,7 @@ class Captioner:
     device: object         # torch.device
     source: str            # the checkpoint path, for messages
     epoch: int | None = None  # training epoch the checkpoint was saved at
+    features: dict | None = None  # the features directory a features model was trained on
 
 
 def load_captioner(checkpoint, device="auto", *, need_encoder: bool = True) -> Captioner:
@@ -122,7 +120,7 @@ def load_captioner(checkpoint, device="auto", *, need_encoder: bool = True) -> C
     dev = resolve_device(device)
     model.to(dev).eval()
     transform = model_mod.image_transform(cfg, train=False) if cfg.encoder != "features" else None
-    return Captioner(model, vocab, cfg, transform, dev, source, ckpt.get("epoch"))
+    return Captioner(model, vocab, cfg, transform, dev, source, ckpt.get("epoch"), ckpt.get("features"))
 
 
 def decode_images(captioner: Captioner, images: Sequence, decode_cfg):
@@ -173,8 +171,10 @@ def display_image(x) -> "np.ndarray":
     """Undo the ImageNet normalisation of a (3, H, W) model input: (H, W, 3) floats in [0, 1]."""
     import numpy as np
 
+    from model import IMAGENET_MEAN, IMAGENET_STD
+
     arr = x.detach().float().cpu().numpy()  # (3, H, W)
-    arr = arr * np.array(_STD)[:, None, None] + np.array(_MEAN)[:, None, None]
+    arr = arr * np.array(IMAGENET_STD)[:, None, None] + np.array(IMAGENET_MEAN)[:, None, None]
     return np.clip(arr.transpose(1, 2, 0), 0.0, 1.0)  # (H, W, 3)
 
 

@@ -255,9 +255,10 @@ def score_captions(references: dict[str, list[str]], hypotheses: dict[str, str],
         raise ValueError(f"no reference captions for {len(missing)} image(s), e.g. {missing[0]!r}")
     if use_java is None:
         use_java = java_available()
-    gts, tokenizer = tokenize_captions({k: list(references[k]) for k in names}, use_java)
-    res_lists, _ = tokenize_captions({k: [hypotheses[k]] for k in names}, use_java)
-    res = {k: [v[0]] for k, v in res_lists.items()}
+    # One tokenizer run for both sides (each Java run starts a JVM): the hypothesis goes last.
+    both, tokenizer = tokenize_captions({k: [*references[k], hypotheses[k]] for k in names}, use_java)
+    gts = {k: v[:-1] for k, v in both.items()}
+    res = {k: [v[-1]] for k, v in both.items()}
 
     metrics: dict[str, float | None] = {}
     per: dict[str, dict[str, float | None]] = {k: {} for k in names}
@@ -474,7 +475,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def run_evaluation(checkpoint_path, data_cfg, decode_cfg, *, split: str = "test",
-                   features_dir=None, batch_size: int = 32, num_workers: int = 0,
+                   features_dir=None, batch_size: int = 32, num_workers: int | None = None,
                    device: str = "auto", results_dir=None, graphs_dir=Path("graphs"),
                    grid_images: int = 6, use_java: bool | None = None, use_wandb: bool = False,
                    wandb_project: str = "image-captioning") -> dict:
@@ -496,15 +497,25 @@ def run_evaluation(checkpoint_path, data_cfg, decode_cfg, *, split: str = "test"
         raise ValueError(f"--split {split!r}: expected train, val or test")
     if batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+    if grid_images < 0:
+        raise ValueError(f"--grid_images must be 0 or more, got {grid_images}")
     checkpoint_path = Path(checkpoint_path)
-    captioner = captioning.load_captioner(checkpoint_path, device, need_encoder=features_dir is None)
+    captioner = captioning.load_captioner(checkpoint_path, device, need_encoder=False)
     if features_dir is None and captioner.transform is None:
-        raise ValueError(f"checkpoint {checkpoint_path} was trained on precomputed features: pass "
-                         f"--features_dir with the features of this data set")
+        # A features model can only read features: default to the directory it was trained on.
+        recorded = (captioner.features or {}).get("path") if isinstance(captioner.features, dict) else None
+        if not recorded or not Path(recorded).is_dir():
+            raise ValueError(f"checkpoint {checkpoint_path} was trained on precomputed features and has "
+                             f"no image encoder: pass --features_dir with this data set's features")
+        features_dir = recorded
     if features_dir is not None:
         features_dir = Path(features_dir)
         if not features_dir.is_dir():
             raise FileNotFoundError(f"features directory {features_dir} does not exist")
+        store_channels = data_utils.FeatureStore.open(features_dir).channels
+        if store_channels != captioner.model_cfg.feature_dim:
+            raise ValueError(f"features in {features_dir} have {store_channels} channels but the model "
+                             f"of {checkpoint_path} expects {captioner.model_cfg.feature_dim}")
 
     splits = data_utils.load_dataset(data_cfg)
     records = list(getattr(splits, split))
@@ -513,6 +524,8 @@ def run_evaluation(checkpoint_path, data_cfg, decode_cfg, *, split: str = "test"
     logger.info("evaluating %s: %d images of the %s split of %s", checkpoint_path, len(records),
                 split, splits.root)
 
+    if num_workers is None:
+        num_workers = data_cfg.num_workers
     t0 = time.perf_counter()
     hypotheses, skipped, decoded = _decode_split(captioner, records, decode_cfg, features_dir=features_dir,
                                                  batch_size=batch_size, num_workers=num_workers)

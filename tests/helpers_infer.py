@@ -1,0 +1,118 @@
+"""Fixtures shared by tests/test_captioning.py and tests/test_evaluation.py.
+
+A tiny checkpoint (resnet18 without ImageNet weights, 64x64 inputs, 2x2 attention grid,
+16-32 wide decoder) trained for a few steps on coloured synthetic photos, and a tiny data
+set in the Kaggle layout made of the same kind of photos. Built once per test session
+(cached here, since both test files import this module).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+SPECIALS = ["<pad>", "<sos>", "<eos>", "<unk>"]
+# Two kinds of photo and the caption the tiny model is trained to give each.
+KINDS = {
+    "red": ((220, 30, 30), "a red square on a white wall"),
+    "blue": ((30, 40, 210), "a blue ball in the dark sky"),
+}
+WORDS = sorted({w for _, cap in KINDS.values() for w in cap.split()})
+VOCAB = SPECIALS + WORDS
+
+_CACHE: dict[str, Path] = {}
+
+
+def photo(kind: str, seed: int, size: int = 80) -> Image.Image:
+    """A noisy photo mostly of the kind's colour."""
+    rng = np.random.default_rng(seed)
+    colour = np.array(KINDS[kind][0], dtype=np.float32)
+    arr = colour + rng.normal(0, 20, size=(size, size, 3))
+    arr[: size // 4] = 235  # a pale band so the photo is not flat
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def make_photo(path: Path, kind: str, seed: int, size: int = 80) -> Path:
+    """Save `photo(kind, seed)` at `path` (format from the suffix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    photo(kind, seed, size).save(path)
+    return path
+
+
+def tiny_model_config(encoder: str = "resnet18", feature_dim: int = 512):
+    import model
+
+    return model.ModelConfig(vocab_size=len(VOCAB), encoder=encoder, pretrained=False,
+                             encoded_size=2, image_size=64, feature_dim=feature_dim, encoder_proj_dim=16,
+                             embed_dim=16, attention_dim=16, decoder_dim=32, num_layers=2, dropout=0.0,
+                             alpha_c=1.0)
+
+
+def _encode(caption: str) -> list[int]:
+    return [1] + [VOCAB.index(w) for w in caption.split()] + [2]
+
+
+def train_tiny(cfg, steps: int = 30, seed: int = 0):
+    """Build the tiny model and train it a few steps on one photo of each kind (CPU, seconds)."""
+    import model
+
+    torch.manual_seed(seed)
+    m = model.build_model(cfg)
+    tf = model.image_transform(cfg, train=False)
+    images, caps = [], []
+    for i, kind in enumerate(KINDS):
+        images.append(tf(photo(kind, seed + i)))
+        caps.append(_encode(KINDS[kind][1]))
+    x = torch.stack(images)  # (B, 3, 64, 64)
+    if cfg.encoder == "features":
+        x = torch.randn(len(images), 4, cfg.feature_dim)  # (B, P, C)
+    T = max(len(c) for c in caps)
+    captions = torch.tensor([c + [0] * (T - len(c)) for c in caps])  # (B, T)
+    lengths = torch.tensor([len(c) for c in caps])  # (B,)
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-2)
+    m.train()
+    for _ in range(steps):
+        logits, alphas = m(x, captions, lengths)
+        loss, _ = model.caption_loss(logits, captions, lengths, alphas, cfg.alpha_c)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    return m
+
+
+def checkpoint_state(m, cfg, *, features: dict | None = None) -> dict:
+    """The documented checkpoint dict (ARCHITECTURE.md) for a model and the tiny vocabulary."""
+    return {"format": "captioner-v1", "model_config": dataclasses.asdict(cfg), "vocab": list(VOCAB),
+            "model": m.state_dict(), "train_config": {}, "epoch": 3, "best_score": 0.0,
+            "history": [], "optimizer": None, "scheduler": None, "scaler": None,
+            "early_stopping": {}, "rng": {}, "features": features}
+
+
+def tiny_checkpoint(base: Path) -> Path:
+    """Path of the shared tiny image checkpoint (built on first use under `base`)."""
+    if "image" not in _CACHE:
+        import checkpoint
+
+        cfg = tiny_model_config()
+        path = base / "tiny" / "best.pt"
+        checkpoint.save_checkpoint(path, checkpoint_state(train_tiny(cfg), cfg))
+        _CACHE["image"] = path
+    return _CACHE["image"]
+
+
+def features_checkpoint(base: Path, feature_dim: int = 8) -> Path:
+    """A tiny checkpoint trained on external features (no image encoder)."""
+    if "features" not in _CACHE:
+        import checkpoint
+
+        cfg = tiny_model_config("features", feature_dim)
+        path = base / "tiny_features" / "best.pt"
+        state = checkpoint_state(train_tiny(cfg, steps=3), cfg,
+                                 features={"key": "tiny", "path": str(base / "features")})
+        checkpoint.save_checkpoint(path, state)
+        _CACHE["features"] = path
+    return _CACHE["features"]

@@ -1,0 +1,174 @@
+"""`--mode test`: captioning photos, attention figures, and every bad input as a one-line error."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import helpers_infer as hi
+import main
+import model
+import test as captioning
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return hi.tiny_checkpoint(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture()
+def photos(tmp_path):
+    """A folder with three photos (two formats) and a file that is not an image."""
+    folder = tmp_path / "photos"
+    hi.make_photo(folder / "red1.jpg", "red", 1)
+    hi.make_photo(folder / "blue1.png", "blue", 2)
+    hi.make_photo(folder / "red2.jpeg", "red", 3)
+    (folder / "notes.txt").write_text("not a photo")
+    return folder
+
+
+def run_cli(args, capsys):
+    rc = main.main(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def caption_words_ok(caption: str) -> bool:
+    words = caption.split()
+    return bool(words) and all(w in hi.WORDS for w in words)
+
+
+def test_one_image_prints_its_caption(ckpt, photos, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run_cli(["--mode", "test", "--image_path", str(photos / "red1.jpg"),
+                            "--checkpoint", str(ckpt), "--beam_size", "3"], capsys)
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and caption_words_ok(lines[0])
+    assert not (tmp_path / "graphs").exists()  # no figure unless asked
+
+
+def test_folder_gives_one_line_per_image_and_json(ckpt, photos, capsys, tmp_path):
+    rc, out, err = run_cli(["--mode", "test", "--image_path", str(photos), "--checkpoint", str(ckpt)], capsys)
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(photos / n) for n in ("blue1.png", "red1.jpg", "red2.jpeg")]
+    assert all(caption_words_ok(line.split("\t")[1]) for line in lines)
+
+    target = tmp_path / "out" / "captions.json"
+    rc, out, err = run_cli(["--mode", "test", "--image_path", str(photos), str(photos / "red1.jpg"),
+                            "--checkpoint", str(ckpt), "--output", str(target)], capsys)
+    assert rc == 0, err
+    rows = json.loads(target.read_text())
+    assert [r["image"] for r in rows] == [str(photos / n) for n in ("blue1.png", "red1.jpg", "red2.jpeg", "red1.jpg")]
+    # Same photo, same caption: batching and position in the batch do not change the result.
+    assert rows[1]["caption"] == rows[3]["caption"]
+    assert [r["caption"] for r in rows[:3]] == [line.split("\t")[1] for line in lines]
+
+
+def test_model_loaded_once_and_images_batched(ckpt, photos, monkeypatch):
+    import checkpoint
+
+    loads, batches = [], []
+    real_load, real_decode = checkpoint.load_checkpoint, model.decode
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+
+    def counting_decode(m, feats, **kw):
+        batches.append(feats.shape[0])
+        return real_decode(m, feats, **kw)
+
+    monkeypatch.setattr(model, "decode", counting_decode)
+    cfg = model.DecodeConfig(beam_size=2)
+    batched = captioning.caption_paths([photos], ckpt, cfg, "cpu", batch_size=2)
+    assert len(loads) == 1 and batches == [2, 1]
+    one_by_one = captioning.caption_paths([photos], ckpt, cfg, "cpu", batch_size=1)
+    assert batched == one_by_one and len(batched) == 3
+
+
+def test_attention_figure_has_one_panel_per_word(ckpt, photos, capsys, monkeypatch, tmp_path):
+    target = tmp_path / "maps" / "att.png"
+    rc, out, err = run_cli(["--mode", "test", "--image_path", str(photos / "blue1.png"),
+                            "--checkpoint", str(ckpt), "--attention_map", str(target)], capsys)
+    assert rc == 0, err
+    words = out.split()
+    meta = json.loads(Image.open(target).text["Description"])
+    assert meta == {"panels": len(words) + 1, "words": words}
+
+    # The flag alone: one figure per image under graphs/ of the working folder.
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run_cli(["--mode", "test", "--image_path", str(photos), "--checkpoint", str(ckpt),
+                            "--attention_map"], capsys)
+    assert rc == 0, err
+    made = sorted(p.name for p in (tmp_path / "graphs").iterdir())
+    assert made == ["attention_blue1.png", "attention_red1.png", "attention_red2.png"]
+
+    # The figure itself: photo + one overlay per word, drawn even from a flat attention.
+    fig = captioning.attention_figure(torch.rand(64, 64, 3).numpy(), ["a", "red", "wall"],
+                                      torch.full((3, 4), 0.25))
+    drawn = [ax for ax in fig.axes if ax.images]
+    assert len(drawn) == 4 and [ax.get_title() for ax in drawn[1:]] == ["a", "red", "wall"]
+    assert all(len(ax.images) == 2 for ax in drawn[1:])  # photo + upsampled attention
+    with pytest.raises(ValueError, match="square"):
+        captioning.attention_figure(torch.rand(8, 8, 3).numpy(), ["a"], torch.full((1, 3), 1 / 3))
+
+
+def _truncated_checkpoint(ckpt, tmp_path):
+    data = ckpt.read_bytes()
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(data[: len(data) // 2])
+    return bad
+
+
+def _incompatible_checkpoint(ckpt, tmp_path):
+    import checkpoint
+
+    state = torch.load(ckpt, weights_only=True)
+    state["model_config"]["decoder_dim"] = 24  # the saved weights are 32 wide
+    bad = tmp_path / "incompatible.pt"
+    checkpoint.save_checkpoint(bad, state)
+    return bad
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_image", "does not exist"),
+    ("not_an_image", "notes.txt"),
+    ("truncated_image", "truncated.jpg"),
+    ("empty_folder", "holds no images"),
+    ("missing_checkpoint", "does not exist"),
+    ("truncated_checkpoint", "cannot be read"),
+    ("incompatible_checkpoint", "do not fit"),
+    ("features_checkpoint", "no image encoder"),
+    ("output_not_json", "expected a file name ending in .json"),
+])
+def test_bad_input_is_one_line_error_exit_2(case, expected, ckpt, photos, tmp_path, capsys, tmp_path_factory):
+    image, checkpoint_path, extra = str(photos / "red1.jpg"), str(ckpt), []
+    if case == "missing_image":
+        image = str(tmp_path / "nope.jpg")
+    elif case == "not_an_image":
+        image = str(photos / "notes.txt")
+    elif case == "truncated_image":
+        data = (photos / "red1.jpg").read_bytes()
+        (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 3])
+        image = str(tmp_path / "truncated.jpg")
+    elif case == "empty_folder":
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "readme.md").write_text("no photos here")
+        image = str(tmp_path / "empty")
+    elif case == "missing_checkpoint":
+        checkpoint_path = str(tmp_path / "weights" / "best.pt")
+    elif case == "truncated_checkpoint":
+        checkpoint_path = str(_truncated_checkpoint(ckpt, tmp_path))
+    elif case == "incompatible_checkpoint":
+        checkpoint_path = str(_incompatible_checkpoint(ckpt, tmp_path))
+    elif case == "features_checkpoint":
+        checkpoint_path = str(hi.features_checkpoint(tmp_path_factory.getbasetemp()))
+    elif case == "output_not_json":
+        extra = ["--output", str(tmp_path / "captions.txt")]
+    rc, out, err = run_cli(["--mode", "test", "--image_path", image, "--checkpoint", checkpoint_path, *extra],
+                           capsys)
+    assert rc == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
