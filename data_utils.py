@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -1178,8 +1179,8 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, num
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if collate is None:
         if isinstance(dataset, CaptionDataset):
-            pad_id = dataset.vocab.pad_id
-            collate = lambda items: collate_captions(items, pad_id)  # noqa: E731
+            # A partial, not a lambda: workers started with spawn must pickle it.
+            collate = functools.partial(collate_captions, pad_id=dataset.vocab.pad_id)
         else:
             collate = collate_images
     if pin_memory is None:
@@ -1200,7 +1201,7 @@ _HF_SPLIT_NAMES = {"train": "train", "validation": "val", "valid": "val", "val":
 _HF_LIST_COLUMNS = ("captions", "sentences", "caption", "text", "raw")
 
 
-def _hf_caption_columns(columns: Sequence[str], sample: dict, override: tuple[str, ...] | None) -> list[str]:
+def _hf_caption_columns(columns: Sequence[str], override: tuple[str, ...] | None) -> list[str]:
     if override:
         missing = [c for c in override if c not in columns]
         if missing:
@@ -1231,37 +1232,42 @@ def _hf_captions(row: dict, columns: list[str]) -> list[str]:
     return out
 
 
-def _open_hf(name: str):
+def _import_datasets():
     try:
         import datasets
     except ImportError:
         raise ValueError("--hf_dataset needs the optional `datasets` package: pip install datasets") from None
+    return datasets
+
+
+def _open_hf(name: str, cache_dir: Path):
+    datasets = _import_datasets()
     path = Path(name)
     if path.exists():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file() \
                 or (path / "dataset_info.json").is_file() and any(path.glob("*.arrow")):
             return datasets.load_from_disk(str(path))
         if path.is_dir():
-            return datasets.load_dataset("imagefolder", data_dir=str(path))
+            return datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=str(cache_dir / "_hf_cache"))
         raise ValueError(f"--hf_dataset {name} is a file; expected a save_to_disk folder, "
                          "an imagefolder folder or a hub name")
     try:
-        return datasets.load_dataset(name)
+        return datasets.load_dataset(name, cache_dir=str(cache_dir / "_hf_cache"))
     except Exception as exc:   # the hub raises many types (connection, missing repo, offline)
         raise ValueError(f"--hf_dataset {name}: could not load it ({type(exc).__name__}: {exc})") from None
 
 
 def materialise_hf_dataset(cfg: DataConfig) -> Path:
     """Write a Hugging Face image-caption data set once into the Karpathy layout; return its folder."""
-    import datasets
+    datasets = _import_datasets()
 
-    ds = _open_hf(cfg.hf_dataset)
+    cache = Path(cfg.hf_cache_dir) if cfg.hf_cache_dir else DEFAULT_HF_CACHE
+    ds = _open_hf(cfg.hf_dataset, cache)
     parts = dict(ds) if isinstance(ds, datasets.DatasetDict) else {"train": ds}
     fingerprint = hashlib.sha1(json.dumps(
         [cfg.hf_dataset, cfg.hf_image_column, cfg.hf_caption_columns, cfg.split_sizes, cfg.split_seed,
          sorted((k, getattr(v, "_fingerprint", "")) for k, v in parts.items())]).encode()).hexdigest()[:12]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.hf_dataset).name or cfg.hf_dataset)[:40]
-    cache = Path(cfg.hf_cache_dir) if cfg.hf_cache_dir else DEFAULT_HF_CACHE
     root = cache / f"{slug}-{fingerprint}"
     if (root / "dataset_hf.json").is_file():
         return root
@@ -1270,7 +1276,7 @@ def materialise_hf_dataset(cfg: DataConfig) -> Path:
     columns = first.column_names
     if cfg.hf_image_column not in columns:
         raise ValueError(f"--hf_image_column {cfg.hf_image_column} not in the data set; columns: {columns}")
-    caption_columns = _hf_caption_columns(columns, first[0] if len(first) else {}, cfg.hf_caption_columns)
+    caption_columns = _hf_caption_columns(columns, cfg.hf_caption_columns)
     log.info("materialising Hugging Face data set %s into %s (captions from %s)",
              cfg.hf_dataset, root, caption_columns)
 
@@ -1323,7 +1329,12 @@ def _hf_write_image(value, folder: Path, fallback: str, used: set[str]) -> str |
         return None
     name = Path(source).name if source else ""
     if not name or name in used or Path(name).suffix.lower() not in _IMAGE_SUFFIXES:
-        name = fallback + (Path(name).suffix if Path(name).suffix.lower() in _IMAGE_SUFFIXES else ".jpg")
+        try:   # name the file after what the bytes are, so viewers and PIL agree
+            with Image.open(io.BytesIO(data)) as probe:
+                suffix = "." + (probe.format or "jpeg").lower().replace("jpeg", "jpg")
+        except _IMAGE_ERRORS:
+            suffix = ".jpg"   # unreadable: written anyway, and skipped with a count when loaded
+        name = fallback + suffix
     used.add(name)
     (folder / name).write_bytes(data)
     return name

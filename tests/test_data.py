@@ -319,3 +319,134 @@ def test_bad_dataset_path_is_one_line_error(value, message, tmp_path, capsys):
     assert main(["--mode", "train", "--dataset_path", value, "--dry_run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
+
+
+# ----------------------------------------------------------------------------- more: tokenizer vs spaCy
+
+def test_tokenizer_matches_spacy_blank_english():
+    spacy = pytest.importorskip("spacy")   # a declared requirement; imported here only (slow import)
+    nlp = spacy.blank("en")
+    captions = CAPS + [
+        "A little girl isn't climbing into a wooden playhouse ; she's 5 years old .",
+        "Two men (one in a 10kg vest) cannot lift the 3m pole at 9pm !",
+        "\"Don't look\" , says the dog , which we'd call a tri-colored mutt & it'll run",
+        "A BMX biker jumps 20ft over a 100lb ramp ... at 5:30 am , a.m. ?",
+        "People gonna line up at the cafe \u2019s door , y'all ; 1st and 2nd place",
+        "Theyre rock-climbing at 11am , whos there ? I'm done !",
+    ]
+    for caption in captions:
+        stripped = " ".join(re.sub(r"[^a-z0-9]+", " ", re.sub(r"['\u2018\u2019`]", "", caption.lower())).split())
+        expected = [t.text for t in nlp(stripped) if not t.is_space]
+        assert du.tokenize(caption) == expected, caption
+    # Every exception spaCy applies to a plain [a-z0-9]+ word is in our table, and nothing else is.
+    for word in nlp.tokenizer.rules:
+        if re.fullmatch(r"[a-z0-9]+", word):
+            assert du.tokenize(word) == [t.text for t in nlp(word)], word
+    for word in du._EXCEPTIONS:
+        assert du.tokenize(word) == [t.text for t in nlp(word)], word
+
+
+# ----------------------------------------------------------------------------- more: reporting, images
+
+def test_each_kind_of_dirt_is_reported_once(original_dir, caplog):
+    caplog.set_level("WARNING", logger="data_utils")
+    _load(original_dir)
+    messages = [r.getMessage() for r in caplog.records]
+    for reason in ("duplicate_caption", "empty_caption", "missing_image", "space_instead_of_tab",
+                   "non_utf8_line", "split_entry_without_captions"):
+        hits = [m for m in messages if reason in m]
+        assert len(hits) == 1, (reason, messages)
+    assert "1999_gone.jpg" in next(m for m in messages if "missing_image" in m)
+
+
+def test_more_image_modes(tmp_path):
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    pal.info["transparency"] = 0
+    pal.save(tmp_path / "pal_t.png", transparency=0)
+    assert du.load_image(tmp_path / "pal_t.png").getpixel((0, 0)) == (10, 200, 30)
+    Image.new("LA", (4, 4), (50, 255)).save(tmp_path / "la.png")
+    assert du.load_image(tmp_path / "la.png").getpixel((0, 0)) == (50, 50, 50)
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(tmp_path / "g16.png")
+    assert abs(du.load_image(tmp_path / "g16.png").getpixel((0, 0))[0] - 128) <= 1   # rescaled, not clipped
+    assert du.check_image_header(tmp_path / "la.png") is None
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    assert du.check_image_header(tmp_path / "bad.png")
+
+
+def test_dry_run_drops_unreadable_images(kaggle_dir, capsys):
+    (kaggle_dir / "Images" / "1003_abc.jpg").write_bytes(b"garbage")
+    assert main(["--dataset_path", str(kaggle_dir), "--dry_run", "--split_sizes", "14", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["skipped"]["unreadable_image"]["count"] == 1
+    assert sum(summary["images"].values()) == 19
+
+
+def test_feature_store_pickles_without_its_array(tmp_path):
+    import pickle
+    du.write_features(tmp_path / "f", ["a", "b"], [np.ones((2, 3, 4))], 3, 4, {})
+    store = du.FeatureStore.open(tmp_path / "f")
+    blob = pickle.dumps(store)
+    assert len(blob) < 1000
+    assert torch.equal(pickle.loads(blob).get("b"), torch.ones(3, 4))
+    with pytest.raises(ValueError, match="exactly one"):
+        du.ImageDataset([], transform=_to_tensor, features=store)
+
+
+def test_dry_run_of_the_demo_set_through_the_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(du, "DEMO", du.DemoSpec(n_images=30, image_size=64))
+    monkeypatch.setattr(du, "DEFAULT_DEMO_DIR", tmp_path / "demo")
+    assert main(["--mode", "train", "--dry_run"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["layout"] == "demo" and summary["images"] == {"train": 24, "val": 3, "test": 3}
+    assert summary["captions"]["train"] == 120 and summary["skipped"] == {}
+    assert 15 <= summary["vocabulary_size"] <= 29     # 4 specials + the words of the templates
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+@pytest.fixture(scope="module")
+def hf_sets(tmp_path_factory):
+    datasets = pytest.importorskip("datasets")
+    tmp = tmp_path_factory.mktemp("hf")
+    images = [Image.new("RGB", (12, 12), (20 * i, 0, 0)) for i in range(10)]
+    columns = {f"caption_{j}": [f"a red square number {i} view {j}" for i in range(10)] for j in range(5)}
+    flat = datasets.Dataset.from_dict({"image": images, **columns}).cast_column("image", datasets.Image())
+    flat.save_to_disk(str(tmp / "flat"))
+    part = lambda lo, hi: datasets.Dataset.from_dict(   # noqa: E731
+        {"img": images[lo:hi], "sentences": [[f"a shape {i}", f"shape {i} again"] for i in range(lo, hi)]})
+    datasets.DatasetDict({"train": part(0, 6), "validation": part(6, 8), "test": part(8, 10)}) \
+        .save_to_disk(str(tmp / "dict"))
+    folder = tmp / "folder"
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i, img in enumerate(images):
+            img.save(folder / f"im{i}.png")
+            f.write(json.dumps({"file_name": f"im{i}.png", "caption": f"thing {i}"}) + "\n")
+    return tmp
+
+
+def test_hf_save_to_disk_with_caption_columns(hf_sets, tmp_path):
+    cfg = DataConfig(hf_dataset=str(hf_sets / "flat"), hf_cache_dir=str(tmp_path))
+    s = du.load_dataset(cfg)
+    assert s.layout == "huggingface" and (len(s.train), len(s.val), len(s.test)) == (8, 1, 1)
+    assert s.train[0].path.is_file() and len(s.train[0].captions) == 5
+    assert du.load_image(s.train[0].path).size == (12, 12)
+    assert [r.name for r in du.load_dataset(cfg).test] == [r.name for r in s.test]   # cached, same split
+
+
+def test_hf_dataset_dict_keeps_its_splits_and_list_column(hf_sets, tmp_path):
+    s = du.load_dataset(DataConfig(hf_dataset=str(hf_sets / "dict"), hf_image_column="img",
+                                   hf_cache_dir=str(tmp_path)))
+    assert (len(s.train), len(s.val), len(s.test)) == (6, 2, 2)
+    assert s.val[0].captions == ["a shape 6", "shape 6 again"]
+
+
+def test_hf_imagefolder_and_errors(hf_sets, tmp_path, monkeypatch, capsys):
+    s = du.load_dataset(DataConfig(hf_dataset=str(hf_sets / "folder"), hf_cache_dir=str(tmp_path)))
+    assert sum(map(len, (s.train, s.val, s.test))) == 10 and s.train[0].captions[0].startswith("thing")
+    assert main(["--dry_run", "--hf_dataset", str(hf_sets / "flat"), "--hf_caption_columns", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)
+    with pytest.raises(ValueError, match="pip install datasets"):
+        du.load_dataset(DataConfig(hf_dataset=str(hf_sets / "flat"), hf_cache_dir=str(tmp_path)))
