@@ -620,10 +620,11 @@ def beam_search(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: int,
         keep_j = torch.sort(ends.to(torch.uint8), dim=1, stable=True).indices[:, :K]  # (n, K)
         parent = parent.gather(1, keep_j)  # (n, K)
         words = token.gather(1, keep_j)  # (n, K)
-        scores = cand_scores.gather(1, keep_j)  # (n, K)
+        # With fewer than 2K candidates (tiny vocabularies) an ending one can be kept: it must not run on.
+        scores = cand_scores.gather(1, keep_j).masked_fill(ends.gather(1, keep_j), -math.inf)  # (n, K)
         history = torch.cat([history.gather(1, parent.unsqueeze(-1).expand(-1, -1, history.size(-1))),
                              words.unsqueeze(-1)], dim=-1)  # (n, K, t+1)
-        alpha_hist = torch.cat([alpha_hist.gather(1, parent.view(n, K, 1, 1).expand(-1, -1, t, P)),
+        alpha_hist = torch.cat([alpha_hist.gather(1, parent.unsqueeze(-1).unsqueeze(-1).expand(-1, -1, t, P)),
                                 alpha.gather(1, parent.unsqueeze(-1).expand(-1, -1, P)).unsqueeze(2)],
                                dim=2)  # (n, K, t+1, P)
         idx = parent.unsqueeze(0).unsqueeze(-1).expand(h.size(0), -1, -1, h.size(-1))  # (Y, n, K, H)

@@ -1,0 +1,405 @@
+"""model.py: shapes per backbone, loss and masking, what trains, decoding equivalences, weights errors.
+
+Tiny random-init models only (no network): dims 16-32, small images, seeded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import re
+import socket
+import urllib.error
+
+import pytest
+import torch
+
+import model as M
+
+SOS, EOS, UNK = 1, 2, 3
+IDS = dict(sos_id=SOS, eos_id=EOS, unk_id=UNK)
+TINY = dict(embed_dim=24, attention_dim=20, decoder_dim=28, dropout=0.0)
+
+
+def features_model(vocab_size=40, feature_dim=32, seed=0, **kw) -> M.CaptionModel:
+    torch.manual_seed(seed)
+    cfg = M.ModelConfig(vocab_size=vocab_size, encoder="features", feature_dim=feature_dim, **{**TINY, **kw})
+    return M.build_model(cfg).eval()
+
+
+def lively(model: M.CaptionModel, std=0.3, eos_bias=1.0) -> M.CaptionModel:
+    """Larger random weights, so an untrained decoder's words depend on the image and captions end
+    at different steps (the default init gives near-uniform, image-independent words)."""
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.normal_(0, std)
+        model.decoder.fc.bias[EOS] += eos_bias
+    return model
+
+
+def random_feats(n, p=9, c=32, seed=1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, p, c, generator=g) * 2  # (N, P, C): spread so images decode differently
+
+
+def batch(B=4, T=7, V=40, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, T + 1, (B,), generator=g)
+    lengths[0] = T  # the longest sets T
+    captions = torch.randint(4, V, (B, T), generator=g)
+    captions[:, 0] = SOS
+    for i, n in enumerate(lengths.tolist()):
+        captions[i, n - 1] = EOS
+        captions[i, n:] = 0
+    return captions, lengths
+
+
+# -- configs --------------------------------------------------------------------------------------
+
+def test_config_rejects_bad_values_with_the_valid_choices():
+    with pytest.raises(ValueError, match=r"unknown encoder 'vgg16'.*resnet50.*inception_v3"):
+        M.ModelConfig(vocab_size=10, encoder="vgg16")
+    with pytest.raises(ValueError, match="dropout"):
+        M.ModelConfig(vocab_size=10, dropout=1.0)
+    with pytest.raises(ValueError, match="fine_tune_encoder"):
+        M.ModelConfig(vocab_size=10, encoder="features", fine_tune_encoder=True)
+    with pytest.raises(ValueError, match="beam_size"):
+        M.DecodeConfig(beam_size=0)
+    # The backbone, not the default, decides C.
+    assert M.ModelConfig(vocab_size=10, encoder="resnet18").feature_dim == 512
+    assert M.ModelConfig(vocab_size=10, encoder="features", feature_dim=300).feature_dim == 300
+    assert M.ModelConfig(vocab_size=10, encoder="inception_v3").input_size == 299
+
+
+def test_flags_match_config_fields_and_help_states_the_real_defaults():
+    import main
+
+    parser = main.build_parser()
+    actions = {a.dest: a for a in parser._actions}
+    for cls in (M.ModelConfig, M.DecodeConfig):
+        for f in dataclasses.fields(cls):
+            if f.name in ("vocab_size", "feature_dim"):
+                continue  # set by the caller from the vocabulary / features file
+            assert f.name in actions, f"no --{f.name} flag"
+            shown = re.search(r"\[([^\]]+)\]", actions[f.name].help or "")
+            if f.default is None or shown is None:
+                continue
+            text = ("on" if f.default else "off") if isinstance(f.default, bool) else str(f.default)
+            assert shown.group(1) == text, f"--{f.name} help says [{shown.group(1)}], config default is {text}"
+    args = parser.parse_args(["--encoder", "resnet18", "--no-pretrained", "--beam_size", "3"])
+    assert main._config(M.ModelConfig, args, vocab_size=50).encoder == "resnet18"
+    assert main._config(M.ModelConfig, args, vocab_size=50).pretrained is False
+    assert main._config(M.DecodeConfig, args).beam_size == 3
+
+
+# -- encoders -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "inception_v3"])
+def test_each_backbone_gives_finite_outputs_of_the_right_shape(name):
+    torch.manual_seed(0)
+    cfg = M.ModelConfig(vocab_size=30, encoder=name, pretrained=False, encoded_size=3,
+                        image_size=75 if name == "inception_v3" else 64, **TINY)
+    model = M.build_model(cfg).eval()
+    images = torch.randn(2, 3, cfg.input_size, cfg.input_size)
+    feats = model.encode(images)
+    assert feats.shape == (2, 9, cfg.feature_dim)
+    captions, lengths = batch(B=2, T=5, V=30)
+    logits, alphas = model(images, captions, lengths)
+    assert logits.shape == (2, 4, 30) and alphas.shape == (2, 4, 9)
+    assert torch.isfinite(logits).all() and torch.isfinite(alphas).all()
+    out = M.decode(model, feats, cfg=M.DecodeConfig(beam_size=2, max_len=4), **IDS)
+    assert len(out.tokens) == 2 and all(len(t) <= 4 for t in out.tokens)
+
+
+def test_inception_has_no_aux_head_and_native_299_preprocessing():
+    from PIL import Image
+
+    cfg = M.ModelConfig(vocab_size=30, encoder="inception_v3", pretrained=False)
+    enc = M.Encoder(dataclasses.replace(cfg, encoded_size=8))
+    assert not any("AuxLogits" in k or k.startswith("fc.") for k in enc.state_dict())
+    image = Image.new("RGB", (400, 320), (200, 30, 30))
+    for train in (True, False):
+        assert M.image_transform(cfg, train)(image).shape == (3, 299, 299)
+    x = M.image_transform(dataclasses.replace(cfg, image_size=75), False)(image).unsqueeze(0)
+    assert enc.eval()(x).shape == (1, 64, 2048)
+
+
+def test_image_transform_never_flips_and_normalises():
+    from PIL import Image
+
+    cfg = M.ModelConfig(vocab_size=30, encoder="resnet18", pretrained=False, image_size=32)
+    names = [type(t).__name__ for t in M.image_transform(cfg, True).transforms]
+    assert "RandomHorizontalFlip" not in names and "RandomCrop" in names
+    # Left half white, right half black: must stay so after the training transform.
+    image = Image.new("RGB", (64, 48), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 32, 48))
+    torch.manual_seed(0)
+    for _ in range(5):
+        x = M.image_transform(cfg, True)(image)  # (3, 32, 32)
+        assert x.shape == (3, 32, 32)
+        assert x[:, :, 0].mean() > x[:, :, -1].mean()
+    x = M.image_transform(cfg, False)(Image.new("RGB", (40, 40), (124, 116, 104)))  # ~ ImageNet mean
+    assert x.abs().max() < 0.05
+
+
+def test_frozen_encoder_gets_no_gradient_and_keeps_batchnorm_statistics():
+    torch.manual_seed(0)
+    cfg = M.ModelConfig(vocab_size=30, encoder="resnet18", pretrained=False, encoded_size=2, **TINY)
+    model = M.build_model(cfg).train()
+    assert list(model.encoder.trainable_parameters()) == []
+    bn_before = model.encoder.body[1].running_mean.clone()
+    captions, lengths = batch(B=2, T=5, V=30)
+    logits, alphas = model(torch.randn(2, 3, 64, 64), captions, lengths)
+    M.caption_loss(logits, captions, lengths, alphas, 1.0)[0].backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is not None for p in model.decoder.parameters())
+    assert torch.equal(model.encoder.body[1].running_mean, bn_before)
+
+
+def test_fine_tuned_encoder_trains_its_last_stages_end_to_end_at_batch_4():
+    torch.manual_seed(0)
+    cfg = M.ModelConfig(vocab_size=30, encoder="resnet18", pretrained=False, encoded_size=2,
+                        fine_tune_encoder=True, **TINY)
+    model = M.build_model(cfg).train()
+    trainable = {id(p) for p in model.encoder.trainable_parameters()}
+    stem = list(model.encoder.body[0].parameters())
+    last = list(model.encoder.body[-1].parameters())
+    assert all(id(p) in trainable for p in last) and not any(id(p) in trainable for p in stem)
+    captions, lengths = batch(B=4, T=5, V=30)
+    logits, alphas = model(torch.randn(4, 3, 64, 64), captions, lengths)
+    M.caption_loss(logits, captions, lengths, alphas, 1.0)[0].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in last)
+    assert all(p.grad is None for p in stem)
+
+
+# -- weights --------------------------------------------------------------------------------------
+
+def test_failed_download_names_both_ways_out_and_restores_the_socket_timeout(monkeypatch):
+    import torchvision
+
+    weights_cls = type(torchvision.models.get_model_weights("resnet18").DEFAULT)
+    seen = {}
+
+    def offline(self, *args, **kwargs):
+        seen["timeout"] = socket.getdefaulttimeout()
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(weights_cls, "get_state_dict", offline)
+    before = socket.getdefaulttimeout()
+    with pytest.raises(M.EncoderWeightsError) as info:
+        M.build_model(M.ModelConfig(vocab_size=30, encoder="resnet18", pretrained=True, **TINY))
+    message = str(info.value)
+    assert isinstance(info.value, ValueError) and "\n" not in message
+    assert "--encoder_weights" in message and "resnet18-f37072fd.pth" in message
+    assert str(torch.hub.get_dir()) in message  # the real cache path to copy the file to
+    assert seen["timeout"] == M.DOWNLOAD_TIMEOUT_S and socket.getdefaulttimeout() == before
+
+
+def test_encoder_weights_file_loads_and_bad_files_are_named(tmp_path):
+    import torchvision
+
+    torch.manual_seed(3)
+    source = torchvision.models.resnet18(weights=None)
+    good = tmp_path / "r18.pth"
+    torch.save(source.state_dict(), good)
+    cfg = M.ModelConfig(vocab_size=30, encoder="resnet18", encoder_weights=str(good), encoded_size=2, **TINY)
+    model = M.build_model(cfg)
+    assert torch.equal(model.encoder.body[0].weight, source.conv1.weight)
+    assert torch.equal(model.encoder.body[-1][1].bn2.running_var, source.layer4[1].bn2.running_var)
+
+    wrong = tmp_path / "r34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), wrong)
+    with pytest.raises(M.EncoderWeightsError, match=r"r34.pth does not fit a torchvision resnet18.*unexpected"):
+        M.build_model(dataclasses.replace(cfg, encoder_weights=str(wrong)))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(M.EncoderWeightsError, match="cannot read a state dict"):
+        M.build_model(dataclasses.replace(cfg, encoder_weights=str(junk)))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        M.build_model(dataclasses.replace(cfg, encoder_weights=str(tmp_path / "missing.pth")))
+
+
+# -- teacher forcing and loss ---------------------------------------------------------------------
+
+def test_outputs_are_in_input_order_and_padded_to_t_minus_1():
+    model = features_model()
+    feats = random_feats(4)
+    captions, lengths = batch()
+    logits, alphas = model(feats, captions, lengths)
+    assert logits.shape == (4, 6, 40) and alphas.shape == (4, 6, 9)
+    for i in range(4):
+        n = int(lengths[i]) - 1
+        one_logits, one_alphas = model(feats[i:i + 1], captions[i:i + 1, :n + 1], lengths[i:i + 1])
+        torch.testing.assert_close(logits[i, :n], one_logits[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(alphas[i, :n], one_alphas[0], rtol=1e-4, atol=1e-5)
+        assert (logits[i, n:] == 0).all() and (alphas[i, n:] == 0).all()
+        torch.testing.assert_close(alphas[i, :n].sum(-1), torch.ones(n))
+    # A short batch (lengths all below T) still returns T-1 steps.
+    logits, _ = model(feats, captions, torch.full((4,), 3))
+    assert logits.shape[1] == 6
+
+
+def test_padding_does_not_change_the_loss():
+    model = features_model()
+    feats = random_feats(4)
+    captions, lengths = batch()
+    loss, ce = M.caption_loss(*model(feats, captions, lengths)[:1], captions, lengths,
+                              model(feats, captions, lengths)[1], alpha_c=1.0)
+    # Five more pad columns holding garbage ids: nothing past each length may count.
+    wider = torch.cat([captions, torch.randint(4, 40, (4, 5))], dim=1)
+    for i, n in enumerate(lengths.tolist()):
+        wider[i, n:] = torch.randint(4, 40, (wider.size(1) - n,))
+    logits, alphas = model(feats, wider, lengths)
+    loss2, ce2 = M.caption_loss(logits, wider, lengths, alphas, alpha_c=1.0)
+    torch.testing.assert_close(loss2, loss)
+    torch.testing.assert_close(ce2, ce)
+    # The regulariser is there and counts: alpha_c changes the loss, not the cross-entropy.
+    loss0, ce0 = M.caption_loss(logits, wider, lengths, alphas, alpha_c=0.0)
+    assert loss0 < loss2 and torch.equal(ce0, ce2)
+
+
+def test_loss_falls_on_one_repeated_batch():
+    model = features_model(dropout=0.1).train()
+    feats = random_feats(4)
+    captions, lengths = batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        logits, alphas = model(feats, captions, lengths)
+        loss, ce = M.caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(ce.item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_encoder_proj_dim_adds_a_channel_projection():
+    model = features_model(encoder_proj_dim=12)
+    assert model.decoder.feat_proj.weight.shape == (12, 32)
+    assert model.decoder.enc_att.weight.shape == (TINY["attention_dim"], 12)
+    feats = random_feats(3)
+    captions, lengths = batch(B=3)
+    logits, alphas = model(feats, captions, lengths)
+    assert torch.isfinite(logits).all()
+    out = M.beam_search(model, feats, cfg=M.DecodeConfig(beam_size=3, max_len=6), **IDS)
+    assert len(out.tokens) == 3
+    assert features_model().decoder.feat_proj is None  # off by default
+
+
+def test_wrong_feature_width_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"expected features \(N, P, 32\), got \(2, 9, 16\)"):
+        features_model()(torch.randn(2, 9, 16), *batch(B=2))
+
+
+# -- decoding -------------------------------------------------------------------------------------
+
+def check_decoded(out: M.Decoded, n: int, max_len: int, p: int = 9) -> None:
+    assert len(out.tokens) == len(out.scores) == len(out.alphas) == n
+    for toks, score, alphas in zip(out.tokens, out.scores, out.alphas):
+        assert len(toks) <= max_len and not {SOS, EOS, UNK} & set(toks)
+        assert alphas.shape == (len(toks), p) and math.isfinite(score)
+
+
+@pytest.mark.parametrize("extra", [{}, {"length_penalty": 0.7, "block_repeat_trigrams": True},
+                                   {"suppress_unk": False, "max_len": 4}])
+def test_beam_size_1_is_exactly_greedy(extra):
+    model = lively(features_model())
+    feats = random_feats(6)
+    cfg = M.DecodeConfig(beam_size=1, **{"max_len": 12, **extra})
+    greedy = M.greedy_decode(model, feats, cfg=cfg, **IDS)
+    beam = M.beam_search(model, feats, cfg=cfg, **IDS)
+    assert beam.tokens == greedy.tokens
+    assert beam.scores == pytest.approx(greedy.scores, abs=1e-5)
+    for a, b in zip(beam.alphas, greedy.alphas):
+        torch.testing.assert_close(a, b)
+    if extra.get("suppress_unk", True):
+        check_decoded(greedy, 6, cfg.max_len)
+    assert len({tuple(t) for t in greedy.tokens}) > 1  # the images really decode differently
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_a_batch_decodes_as_each_image_alone(beam_size):
+    model = lively(features_model())  # captions of different lengths: images leave the batch early
+    feats = random_feats(5)
+    cfg = M.DecodeConfig(beam_size=beam_size, max_len=10, block_repeat_trigrams=True)
+    together = M.decode(model, feats, cfg=cfg, **IDS)
+    check_decoded(together, 5, 10)
+    assert len({len(t) for t in together.tokens}) > 1
+    for i in range(5):
+        alone = M.decode(model, feats[i:i + 1], cfg=cfg, **IDS)
+        assert alone.tokens[0] == together.tokens[i]
+        assert alone.scores[0] == pytest.approx(together.scores[i], abs=1e-4)
+        torch.testing.assert_close(alone.alphas[0], together.alphas[i], rtol=1e-4, atol=1e-5)
+
+
+def test_a_wide_beam_finds_the_exhaustive_best_caption():
+    # Vocabulary of 3 words + specials, at most 3 tokens: a beam of 64 keeps every hypothesis.
+    model = features_model(vocab_size=7, seed=4)
+    with torch.no_grad():
+        model.decoder.fc.bias[EOS] += 1.5
+    feats = random_feats(1, seed=5)
+    words = [EOS, 4, 5, 6]
+    candidates = [list(s) + [EOS] for n in range(3) for s in itertools.product(words[1:], repeat=n)]
+    # Scores without renormalisation (<sos>/<unk> get -inf, the others keep log-softmax values).
+    dec = model.decoder
+    f, enc, h0, c0 = dec.prepare(feats)
+
+    def score(seq):
+        h, c, word, total = h0.unsqueeze(2), c0.unsqueeze(2), torch.tensor([[SOS]]), 0.0
+        with torch.no_grad():
+            for tok in seq:
+                log_probs, _, h, c = dec.step(word, f, enc, h, c)
+                total += float(log_probs[0, 0, tok])
+                word = torch.tensor([[tok]])
+        return total
+
+    for penalty in (0.0, 1.0):
+        cfg = M.DecodeConfig(beam_size=64, max_len=3, length_penalty=penalty)
+        best = max(candidates, key=lambda s: score(s) / (len(s) ** penalty if penalty else 1.0))
+        out = M.beam_search(model, feats, cfg=cfg, **IDS)
+        assert out.tokens[0] + [EOS] == best
+        assert out.scores[0] == pytest.approx(score(best) / (len(best) ** penalty if penalty else 1.0), abs=1e-4)
+
+
+def test_beam_search_terminates_on_an_untrained_model_and_returns_unfinished_captions():
+    model = features_model()
+    with torch.no_grad():
+        model.decoder.fc.bias[EOS] = -50.0  # never ends: the best unfinished beam must come back
+    feats = random_feats(3)
+    for cfg in (M.DecodeConfig(beam_size=4, max_len=7), M.DecodeConfig(beam_size=1, max_len=7)):
+        out = M.decode(model, feats, cfg=cfg, **IDS)
+        check_decoded(out, 3, 7)
+        assert all(len(t) == 7 for t in out.tokens)
+    with torch.no_grad():
+        model.decoder.fc.bias[EOS] = 50.0  # ends at once: empty captions
+    out = M.beam_search(model, feats, cfg=M.DecodeConfig(beam_size=4, max_len=7), **IDS)
+    assert out.tokens == [[], [], []] and all(a.shape == (0, 9) for a in out.alphas)
+
+
+def test_trigram_blocking_removes_repeated_trigrams():
+    model = features_model(vocab_size=8)  # 4 words: repeats are likely without blocking
+    feats = random_feats(4)
+    with torch.no_grad():
+        model.decoder.fc.bias[EOS] = -50.0
+
+    def has_repeat(toks):
+        grams = [tuple(toks[i:i + 3]) for i in range(len(toks) - 2)]
+        return len(grams) != len(set(grams))
+
+    free = M.beam_search(model, feats, cfg=M.DecodeConfig(beam_size=3, max_len=15), **IDS)
+    blocked = M.beam_search(model, feats, cfg=M.DecodeConfig(beam_size=3, max_len=15, block_repeat_trigrams=True),
+                            **IDS)
+    assert any(has_repeat(t) for t in free.tokens)
+    assert not any(has_repeat(t) for t in blocked.tokens)
+    assert all(len(t) == 15 for t in blocked.tokens)
+
+
+def test_decoding_images_encodes_them_first():
+    torch.manual_seed(0)
+    cfg = M.ModelConfig(vocab_size=30, encoder="resnet18", pretrained=False, encoded_size=2, **TINY)
+    model = M.build_model(cfg).eval()
+    images = torch.randn(2, 3, 64, 64)
+    a = M.decode(model, images, cfg=M.DecodeConfig(max_len=5), **IDS)
+    b = M.decode(model, model.encode(images), cfg=M.DecodeConfig(max_len=5), **IDS)
+    assert a.tokens == b.tokens
