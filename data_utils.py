@@ -28,6 +28,7 @@ import os
 import random
 import re
 import shutil
+import unicodedata
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -106,12 +107,15 @@ _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 def tokenize(text: str) -> list[str]:
     """Lowercase, strip special characters, split into words.
 
-    Apostrophes are deleted ("dog's" -> "dogs", "don't" -> "dont") and every other non
-    alphanumeric character separates words ("t-shirt" -> "t shirt", like the Karpathy tokens).
+    Accents are dropped ("cafe"), apostrophes deleted ("dog's" -> "dogs", "don't" -> "dont"),
+    and every other non-alphanumeric character separates words ("t-shirt" -> "t shirt", as in
+    the Karpathy tokens).
     On the result this gives the same words as `spacy.blank("en")` (whitespace tokens aside)
     without importing spaCy: its exceptions and number-unit suffixes are applied from a table.
     """
-    text = _APOSTROPHES.sub("", text.lower())
+    # Accents go, letters stay ("naïve" -> "naive"), before everything else non-alphanumeric goes.
+    text = unicodedata.normalize("NFKD", text.lower())
+    text = _APOSTROPHES.sub("", "".join(c for c in text if not unicodedata.combining(c)))
     tokens: list[str] = []
     for word in _NON_ALNUM.split(text):
         if not word:
@@ -373,19 +377,20 @@ def _parse_kaggle_csv(path: Path, skipped: _Tally, repaired: _Tally) -> dict[str
         raise ValueError(f"{path} is empty; expected a CSV with the header image,caption")
     header = [h.strip().lower() for h in header]
     if "image" in header and "caption" in header:
-        i_img, i_cap = header.index("image"), header.index("caption")
+        i_img, i_cap, n_cols, first = header.index("image"), header.index("caption"), len(header), 2
     else:  # no header: the first line is data
-        i_img, i_cap = 0, 1
+        i_img, i_cap, n_cols, first = 0, 1, 2, 1
         reader = csv.reader(lines)
-    for number, row in enumerate(reader, 2):
+    for number, row in enumerate(reader, first):
         if not row or not any(cell.strip() for cell in row):
             continue
         if len(row) <= max(i_img, i_cap):
             skipped.add("malformed_line", f"{path.name}:{number}")
             continue
-        # An unquoted caption with a comma splits into more cells than the header has: rejoin them.
-        caption = ",".join(row[i_cap:]) if i_cap == len(header) - 1 else row[i_cap]
-        if len(row) > len(header):
+        caption = row[i_cap]
+        if len(row) > n_cols and i_cap == n_cols - 1:
+            # An unquoted caption with commas splits into extra cells: rejoin them.
+            caption = ",".join(row[i_cap:])
             repaired.add("unquoted_comma", f"{path.name}:{number}")
         name = row[i_img].strip()
         if not name:
@@ -487,8 +492,14 @@ def _read_layout(cfg: DataConfig, skipped: _Tally, repaired: _Tally) -> _Raw:
 
 def _read_karpathy(path: Path, root: Path, images_dir: str | None, skipped: _Tally,
                    repaired: _Tally) -> _Raw:
+    raw_bytes = path.read_bytes()
     try:
-        data = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
+        text = raw_bytes.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw_bytes.decode("utf-8-sig", errors="replace")
+        repaired.add("non_utf8_bytes", path.name)
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):

@@ -115,7 +115,7 @@ def test_original_layout_official_split_and_dirt(original_dir):
     first = next(r for r in s.train if r.name == "1000_abc.jpg")
     assert first.tokens[0] == du.tokenize(_caption(0, 0))       # the space-separated line is read
     cafe = next(r for r in s.train if r.name == "1003_abc.jpg")
-    assert len(cafe.tokens) == 6 and cafe.tokens[-1][:1] == ["caf"]
+    assert len(cafe.tokens) == 6 and cafe.tokens[-1][:1] == ["cafe"]
 
 
 def test_kaggle_layout_seeded_split_by_image(kaggle_dir):
@@ -163,6 +163,7 @@ def test_tokenize_rules():
     assert du.tokenize("He doesn't run at 10am for 5km") == ["he", "does", "nt", "run", "at", "10", "am",
                                                              "for", "5", "km"]
     assert du.tokenize("  ... ") == []
+    assert du.tokenize("Caf\u00e9 na\u00efve") == ["cafe", "naive"]
 
 
 def test_vocabulary_counts_train_only_and_round_trips(kaggle_dir, tmp_path):
@@ -246,7 +247,7 @@ def test_caption_batches_pad_and_skip_corrupt_images(kaggle_dir):
     assert set(batch.image_idx.tolist()) == {0, 2}
 
     images = du.ImageDataset(s.train[:3], transform=_to_tensor)
-    ib = next(iter(du.make_loader(images, batch_size=3, num_workers=0)))
+    ib = next(iter(du.make_loader(images, batch_size=3, num_workers=1)))   # also inside a worker
     assert ib.n_skipped == 1 and ib.image_idx.tolist() == [0, 2]
 
 
@@ -450,3 +451,22 @@ def test_hf_imagefolder_and_errors(hf_sets, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(__import__("sys").modules, "datasets", None)
     with pytest.raises(ValueError, match="pip install datasets"):
         du.load_dataset(DataConfig(hf_dataset=str(hf_sets / "flat"), hf_cache_dir=str(tmp_path)))
+
+
+def test_kaggle_dirt_unquoted_commas_empty_and_non_utf8(tmp_path):
+    root = tmp_path / "k"
+    for name in _names(3):
+        _jpg(root / "Images" / name)
+    rows = [b"image,caption"]
+    for i, name in enumerate(_names(3)):
+        rows += [f"{name},{_caption(i, j)}".encode() for j in range(3)]
+    rows += [b"1000_abc.jpg,a dog, unquoted, with commas", b"1001_abc.jpg,", b"1002_abc.jpg,a na\xefve dog",
+             b"1002_abc.jpg,a na\xefve dog", b"only-one-cell"]
+    (root / "captions.txt").write_bytes(b"\r\n".join(rows))
+    s = du.load_dataset(DataConfig(dataset_path=str(root), split_sizes=(3, 0)))
+    by_name = {r.name: r for r in s.train}
+    assert by_name["1000_abc.jpg"].captions[-1] == "a dog, unquoted, with commas"
+    assert by_name["1002_abc.jpg"].tokens[-1] == ["a", "naive", "dog"]
+    assert s.repaired["unquoted_comma"]["count"] == 1 and s.repaired["non_utf8_line"]["count"] == 2
+    assert s.skipped["empty_caption"]["count"] == 1 and s.skipped["duplicate_caption"]["count"] == 1
+    assert s.skipped["malformed_line"]["count"] == 1
