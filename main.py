@@ -208,8 +208,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise ValueError("--mode test needs --image_path FILE_OR_FOLDER [...]")
         test.run_test(args.image_path, args.checkpoint, _config(model.DecodeConfig, args),
                       output=args.output, attention_map=args.attention_map,
-                      device=getattr(args, "device", None) or "auto",
-                      batch_size=getattr(args, "batch_size", None) or 16)
+                      device=args.device or "auto", batch_size=args.batch_size or 16)
         return 0
     if args.mode == "eval":
         import data_utils
@@ -218,11 +217,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         test_eval.run_evaluation(
             args.checkpoint, _config(data_utils.DataConfig, args), _config(model.DecodeConfig, args),
-            split=args.split, features_dir=getattr(args, "features_dir", None),
-            batch_size=getattr(args, "batch_size", None) or 32,
-            device=getattr(args, "device", None) or "auto", results_dir=args.results_dir,
-            grid_images=args.grid_images, use_java=args.java,
-            use_wandb=bool(getattr(args, "wandb", False)))
+            split=args.split, features_dir=args.features_dir, batch_size=args.batch_size or 32,
+            device=args.device or "auto", results_dir=args.results_dir,
+            graphs_dir=args.graphs_dir or "graphs", grid_images=args.grid_images, use_java=args.java,
+            wandb_mode=args.wandb or "auto", wandb_project=args.wandb_project or "captioner",
+            wandb_entity=args.wandb_entity)
         return 0
     if args.mode in ("train", "extract"):
         import data_utils

@@ -182,7 +182,8 @@ def attention_figure(photo, words: Sequence[str], alphas, *, title: str | None =
                      max_cols: int = 5):
     """Figure: the photo, then one panel per word with its attention upsampled and overlaid.
 
-    `photo` is (H, W, 3) in [0, 1]; `alphas` is (L, P) with P = S*S and L >= len(words)
+    `photo` is (H, W, 3) in [0, 1] (`display_image` of the model input, so the attention grid
+    lines up with what the model saw) or a PIL image; `alphas` is (L, P) with P = S*S, L >= len(words)
     (a step for `<eos>` may follow the words; it is not drawn). Each panel's weights are
     scaled to their own maximum so where the model looked shows even when attention is
     spread; the colour bar-less overlay reads: bright = looked here.
@@ -194,6 +195,10 @@ def attention_figure(photo, words: Sequence[str], alphas, *, title: str | None =
     import torch
     import torch.nn.functional as F
 
+    import numpy as np
+
+    if not isinstance(photo, np.ndarray):  # a PIL image: shown whole, attention stretched over it
+        photo = np.asarray(photo.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
     h, w = photo.shape[:2]
     n_words = len(words)
     alphas = torch.as_tensor(alphas, dtype=torch.float32)

@@ -477,8 +477,8 @@ def _write_json(path: Path, obj) -> None:
 def run_evaluation(checkpoint_path, data_cfg, decode_cfg, *, split: str = "test",
                    features_dir=None, batch_size: int = 32, num_workers: int | None = None,
                    device: str = "auto", results_dir=None, graphs_dir=Path("graphs"),
-                   grid_images: int = 6, use_java: bool | None = None, use_wandb: bool = False,
-                   wandb_project: str = "image-captioning") -> dict:
+                   grid_images: int = 6, use_java: bool | None = None, wandb_mode: str = "disabled",
+                   wandb_project: str = "captioner", wandb_entity: str | None = None) -> dict:
     """`--mode eval`: decode every image of `split` once, score it, write results and pictures.
 
     Writes `eval_<split>.json` (metrics, how they were computed, decoding settings, checkpoint,
@@ -579,18 +579,28 @@ def run_evaluation(checkpoint_path, data_cfg, decode_cfg, *, split: str = "test"
         print(scores.meteor_note)
     print(f"decoding {summary['timing']['images_per_s_decode']} images/s, "
           f"scoring {t_score:.1f} s; wrote {eval_path} and {captions_path}")
-    if use_wandb:
-        _log_wandb(summary, hist_path, grid_path, wandb_project)
+    if wandb_mode != "disabled":
+        _log_wandb(summary, hist_path, grid_path, wandb_mode, wandb_project, wandb_entity)
     return summary
 
 
-def _log_wandb(summary: dict, hist_path: Path, grid_path: Path, project: str) -> None:
-    """Log metrics, the per-image table and both pictures to Weights & Biases (lazy import)."""
-    import wandb
+def _log_wandb(summary: dict, hist_path: Path, grid_path: Path, mode: str, project: str,
+               entity: str | None) -> None:
+    """Log metrics, the per-image table and both pictures to Weights & Biases.
+
+    Started the way training starts it (`train.start_wandb`: auto = online with credentials,
+    else offline; WANDB_MODE=disabled turns it off), and never fails the evaluation.
+    """
+    import train
 
     split = summary["split"]
-    run = wandb.init(project=project, job_type="eval", config={"checkpoint": summary["checkpoint"],
-                                                               "split": split, **summary["decoding"]})
+    cfg = train.TrainConfig(wandb=mode, wandb_project=project, wandb_entity=entity)
+    run = train.start_wandb(cfg, {"job": f"eval_{split}", "checkpoint": summary["checkpoint"],
+                                  "split": split, **summary["decoding"]})
+    if run is None:
+        return
+    import wandb
+
     try:
         run.log({f"eval_{split}/{m}": v for m, v in summary["metrics"].items() if v is not None})
         cols = ["image", "caption", *PER_IMAGE]
@@ -600,5 +610,7 @@ def _log_wandb(summary: dict, hist_path: Path, grid_path: Path, project: str) ->
         run.log({f"eval_{split}/per_image": table,
                  f"eval_{split}/histograms": wandb.Image(str(hist_path)),
                  f"eval_{split}/grid": wandb.Image(str(grid_path))})
+    except Exception as exc:  # logging is a side channel: the results are already on disk
+        logger.warning("wandb logging failed: %s", str(exc).splitlines()[0][:200] if str(exc) else exc)
     finally:
         run.finish()

@@ -1,0 +1,209 @@
+"""`--mode eval` and the scoring wrapper: hand-computed BLEU, the Java-less fallback, the pictures."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+import data_utils
+import helpers_infer as hi
+import main
+import model
+import test_eval
+
+needs_java = pytest.mark.skipif(not test_eval.java_available(), reason="Java is not installed")
+
+# ---------------------------------------------------------------- hand-computed BLEU
+#
+# Image "cat" (raw text; the PTB step lowercases and drops the final period):
+#   refs  r1 "a cat sits on the mat"      (6 tokens)
+#         r2 "there is a cat on the mat"  (7 tokens)
+#   hyp   "the cat the cat on the mat"    (7 tokens)
+#   1-grams: the x3 (max in one ref 1 -> clipped 1), cat x2 (-> 1), on 1, mat 1      -> 4 / 7
+#   2-grams: the cat x2 (0), cat the (0), cat on (r2: 1), on the (1), the mat (1)    -> 3 / 6
+#   3-grams: the cat the, cat the cat, the cat on (0); cat on the (r2), on the mat   -> 2 / 5
+#   4-grams: the cat the cat, cat the cat on, the cat on the (0); cat on the mat (r2) -> 1 / 4
+#   closest reference length to 7 is 7 -> no brevity penalty.
+#   BLEU-1 = 4/7, BLEU-2 = (4/7 * 3/6)^(1/2), BLEU-3 = (4/7 * 3/6 * 2/5)^(1/3),
+#   BLEU-4 = (4/7 * 3/6 * 2/5 * 1/4)^(1/4) = (1/35)^(1/4)
+CAT_REFS = ["A cat sits on the mat.", "There is a cat on the mat."]
+CAT_HYP = "The cat the cat on the mat."
+CAT_BLEU = [4 / 7, (4 / 7 * 3 / 6) ** (1 / 2), (4 / 7 * 3 / 6 * 2 / 5) ** (1 / 3),
+            (4 / 7 * 3 / 6 * 2 / 5 * 1 / 4) ** (1 / 4)]
+#
+# Adding image "dogs": refs "Two dogs play." (3 tokens), "Dogs are playing in the park!" (6)
+#   hyp "Dogs play." -> "dogs play" (2 tokens): 1-grams 2/2, 2-grams "dogs play" 1/1,
+#   no 3- or 4-grams (0 guesses); closest reference length to 2 is 3.
+# Corpus BLEU pools the counts of both images (it is not a mean of per-image BLEU):
+#   correct 4+2, 3+1, 2+0, 1+0 = 6, 4, 2, 1 ; guesses 7+2, 6+1, 5+0, 4+0 = 9, 7, 5, 4
+#   hypothesis length 7+2 = 9, reference length 7+3 = 10 -> BP = exp(1 - 10/9) = exp(-1/9)
+DOG_REFS = ["Two dogs play.", "Dogs are playing in the park!"]
+DOG_HYP = "Dogs play."
+BP = math.exp(1 - 10 / 9)
+BOTH_BLEU = [6 / 9 * BP, (6 / 9 * 4 / 7) ** (1 / 2) * BP, (6 / 9 * 4 / 7 * 2 / 5) ** (1 / 3) * BP,
+             (6 / 9 * 4 / 7 * 2 / 5 * 1 / 4) ** (1 / 4) * BP]
+
+
+def test_hand_computed_bleu_one_image():
+    scores = test_eval.score_captions({"cat": CAT_REFS}, {"cat": CAT_HYP}, use_java=False)
+    assert [scores.metrics[f"BLEU-{n}"] for n in range(1, 5)] == pytest.approx(CAT_BLEU, rel=1e-6)
+    assert scores.metrics["METEOR"] is None and "Java" in scores.meteor_note
+    assert "python PTB rule" in scores.tokenizer
+
+
+def test_hand_computed_bleu_pools_counts_over_images_and_groups_references_per_image():
+    refs = {"cat": CAT_REFS, "dogs": DOG_REFS}
+    hyps = {"dogs": DOG_HYP, "cat": CAT_HYP}  # order of the keys must not matter
+    got = test_eval.score_captions(refs, hyps, use_java=False).metrics
+    assert [got[f"BLEU-{n}"] for n in range(1, 5)] == pytest.approx(BOTH_BLEU, rel=1e-6)
+    # Same numbers from the validation helper on already tokenised text.
+    tokenised_refs = {"cat": ["a cat sits on the mat", "there is a cat on the mat"],
+                      "dogs": ["two dogs play", "dogs are playing in the park"]}
+    assert test_eval.corpus_bleu(tokenised_refs, {"cat": "the cat the cat on the mat", "dogs": "dogs play"}) \
+        == pytest.approx(BOTH_BLEU, rel=1e-6)
+    # Swapping the reference groups must change the score: references are matched per image.
+    swapped = test_eval.score_captions({"cat": DOG_REFS, "dogs": CAT_REFS}, hyps, use_java=False).metrics
+    assert swapped["BLEU-1"] < 0.5 * got["BLEU-1"]
+
+
+def test_scoring_refuses_images_without_references():
+    with pytest.raises(ValueError, match="no reference captions"):
+        test_eval.score_captions({"cat": CAT_REFS}, {"cat": CAT_HYP, "dogs": DOG_HYP}, use_java=False)
+    with pytest.raises(ValueError, match="no generated captions"):
+        test_eval.score_captions({"cat": CAT_REFS}, {}, use_java=False)
+
+
+# Caption-like text with the punctuation, clitics and case PTB tokenisation has to handle.
+MIXED_REFS = {
+    "a": ["A dog's ball (red) is on the grass.", "The dog doesn't want to let go of its toy!"],
+    "b": ["Two men, one in a t-shirt, play soccer at 3:30 p.m.", "Men playing \"soccer\" on a field ..."],
+    "c": ["A girl in a pink dress; she's climbing stairs.", "A little girl climbing into a wooden playhouse."],
+}
+MIXED_HYPS = {"a": "A dog's red ball on the grass.", "b": "Two men play soccer on a field.",
+              "c": "A little girl in a pink dress is climbing stairs."}
+
+
+@needs_java
+def test_fallback_tokenisation_agrees_with_the_java_path():
+    java = test_eval.score_captions(MIXED_REFS, MIXED_HYPS, use_java=True)
+    python = test_eval.score_captions(MIXED_REFS, MIXED_HYPS, use_java=False)
+    for n in range(1, 5):
+        assert abs(java.metrics[f"BLEU-{n}"] - python.metrics[f"BLEU-{n}"]) < 1e-3
+    assert java.metrics["ROUGE-L"] == pytest.approx(python.metrics["ROUGE-L"], abs=1e-3)
+    assert java.tokenizer != python.tokenizer  # the output names which rule ran
+    # METEOR ran in one Java process and gave a score per image.
+    assert 0.0 < java.metrics["METEOR"] <= 1.0
+    assert all(0.0 <= s["METEOR"] <= 1.0 for s in java.per_image.values())
+    assert python.metrics["METEOR"] is None
+
+
+@needs_java
+def test_java_and_fallback_tokenise_captions_identically():
+    lines = [c for caps in MIXED_REFS.values() for c in caps] + list(MIXED_HYPS.values())
+    assert test_eval._java_ptb_lines(lines) == [test_eval.ptb_like_tokenize(c) for c in lines]
+
+
+# ---------------------------------------------------------------- --mode eval end to end
+
+def make_kaggle_set(root, n: int = 10):
+    """A Kaggle-layout data set of coloured photos, two references each (one with punctuation)."""
+    images = root / "Images"
+    rows = []
+    for i in range(n):
+        kind = "red" if i % 2 == 0 else "blue"
+        name = f"img{i:02d}.jpg"
+        hi.make_photo(images / name, kind, 100 + i)
+        cap = hi.KINDS[kind][1]
+        rows += [(name, cap.capitalize() + " ."), (name, cap.replace(" a ", " one ", 1))]
+    with open(root / "captions.txt", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        w.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    return make_kaggle_set(tmp_path_factory.mktemp("kaggle"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return hi.tiny_checkpoint(tmp_path_factory.getbasetemp())
+
+
+def data_cfg(root):
+    return data_utils.DataConfig(dataset_path=str(root), split_sizes=(4, 2), min_word_freq=1, num_workers=0)
+
+
+def test_eval_writes_results_and_pictures_and_decodes_each_image_once(tiny_set, ckpt, tmp_path, monkeypatch,
+                                                                         capsys):
+    test_names = sorted(r.name for r in data_utils.load_dataset(data_cfg(tiny_set)).test)
+    assert len(test_names) == 4
+    decoded = []
+    real_decode = model.decode
+
+    def counting_decode(m, feats, **kw):
+        decoded.append(feats.shape[0])
+        return real_decode(m, feats, **kw)
+
+    monkeypatch.setattr(model, "decode", counting_decode)
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "results"
+    rc = main.main(["--mode", "eval", "--dataset_path", str(tiny_set), "--checkpoint", str(ckpt),
+                    "--results_dir", str(results), "--no-java", "--beam_size", "2", "--grid_images", "3",
+                    "--batch_size", "3", "--split_sizes", "4", "2"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert decoded == [3, 1]  # 4 test images, batched by 3, each decoded once
+
+    summary = json.loads((results / "eval_test.json").read_text())
+    assert summary["num_images"] == 4 and summary["split"] == "test"
+    assert summary["decoding"]["beam_size"] == 2 and summary["checkpoint"] == str(ckpt)
+    assert set(summary["metrics"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D"}
+    assert summary["metrics"]["METEOR"] is None and "python PTB rule" in summary["tokenizer"]
+    assert sorted(summary["per_image"]) == test_names
+
+    captions = json.loads((results / "captions_test.json").read_text())
+    assert sorted(c["image_id"] for c in captions) == test_names  # COCO results format, one per image
+    assert all(set(c) == {"image_id", "caption"} for c in captions)
+    # The printed table holds the same numbers as the JSON.
+    assert f"{summary['metrics']['BLEU-4']:.4f}" in out and "METEOR" in out and "n/a" in out
+    for picture in ("eval_test_scores.png", "eval_test_grid.png"):
+        assert (tmp_path / "graphs" / picture).stat().st_size > 10_000
+
+
+def test_eval_on_a_features_directory(tiny_set, tmp_path, tmp_path_factory, monkeypatch):
+    cfg = data_cfg(tiny_set)
+    splits = data_utils.load_dataset(cfg)
+    names = [r.name for r in splits.train + splits.val + splits.test]
+    rng = np.random.default_rng(0)
+    feats_dir = tmp_path / "features"
+    data_utils.write_features(feats_dir, names, [rng.standard_normal((len(names), 4, 8)).astype(np.float32)],
+                              positions=4, channels=8, meta={"encoder": "test"})
+    ckpt = hi.features_checkpoint(tmp_path_factory.getbasetemp(), feature_dim=8)
+    monkeypatch.chdir(tmp_path)
+    summary = test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(beam_size=2), split="val",
+                                       features_dir=feats_dir, results_dir=tmp_path, use_java=False,
+                                       grid_images=2, device="cpu")
+    assert summary["num_images"] == 2 and summary["encoder"] == "features"
+    assert summary["data"]["features_dir"] == str(feats_dir)
+    assert (tmp_path / "eval_val.json").is_file() and (tmp_path / "graphs" / "eval_val_grid.png").is_file()
+    # Without --features_dir and with the recorded directory gone, the error says what to pass.
+    with pytest.raises(ValueError, match="--features_dir"):
+        test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(), use_java=False, device="cpu")
+
+
+def test_histograms_keep_per_image_scores_and_draw_density_curves(tmp_path):
+    rng = np.random.default_rng(0)
+    per = {str(i): {"BLEU-4": float(rng.random()), "METEOR": None, "ROUGE-L": float(rng.random()),
+                    "CIDEr-D": float(rng.exponential())} for i in range(50)}
+    path = test_eval.plot_score_histograms(per, tmp_path / "h.png")
+    assert path.stat().st_size > 10_000
+    grid = np.linspace(-1, 2, 3001)
+    dens = test_eval._density([s["ROUGE-L"] for s in per.values()], grid)
+    assert dens.sum() * (grid[1] - grid[0]) == pytest.approx(1.0, abs=0.02)  # a density integrates to 1
+    assert test_eval._density([0.5, 0.5], grid) is None
