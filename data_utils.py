@@ -541,7 +541,7 @@ def _read_karpathy(path: Path, root: Path, images_dir: str | None, skipped: _Tal
         sentences = img.get("sentences") or []
         captions[name] = [s.get("raw") or " ".join(s.get("tokens", [])) for s in sentences if isinstance(s, dict)]
         split = img.get("split", "train")
-        split = {"restval": "train", "dev": "val", "validation": "val"}.get(split, split)
+        split = {"restval": "train", "dev": "val", "valid": "val", "validation": "val"}.get(split, split)
         if split not in splits:
             skipped.add("unknown_split", f"{name}: {split}")
             continue
@@ -1285,27 +1285,38 @@ def materialise_hf_dataset(cfg: DataConfig) -> Path:
 
     first = next(iter(parts.values()))
     columns = first.column_names
-    if cfg.hf_image_column not in columns:
-        raise ValueError(f"--hf_image_column {cfg.hf_image_column} not in the data set; columns: {columns}")
+    image_column = cfg.hf_image_column
+    if image_column not in columns:
+        guesses = [c for c, f in first.features.items() if isinstance(f, datasets.Image)]
+        if image_column != DataConfig.hf_image_column or not guesses:
+            raise ValueError(f"--hf_image_column {image_column} not in the data set; columns: {columns}")
+        image_column = guesses[0]
     caption_columns = _hf_caption_columns(columns, cfg.hf_caption_columns)
-    log.info("materialising Hugging Face data set %s into %s (captions from %s)",
-             cfg.hf_dataset, root, caption_columns)
+    # Some uploads (e.g. of Flickr30k) keep the Karpathy split in a column.
+    split_column = "split" if "split" in columns and set(first.unique("split")) <= {*_HF_SPLIT_NAMES, "restval"} \
+        else None
+    log.info("materialising Hugging Face data set %s into %s (image column %s, captions from %s)",
+             cfg.hf_dataset, root, image_column, caption_columns)
 
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
     images: list[dict] = []
     used: set[str] = set()
-    split_known = all(k in _HF_SPLIT_NAMES for k in parts) and len(parts) > 1
+    split_known = split_column is not None or (all(k in _HF_SPLIT_NAMES for k in parts) and len(parts) > 1)
     for part_name, part in parts.items():
-        if isinstance(part.features.get(cfg.hf_image_column), datasets.Image):
-            part = part.cast_column(cfg.hf_image_column, datasets.Image(decode=False))
+        if isinstance(part.features.get(image_column), datasets.Image):
+            part = part.cast_column(image_column, datasets.Image(decode=False))
         for i, row in enumerate(part):
-            name = _hf_write_image(row[cfg.hf_image_column], tmp / "images", f"{part_name}_{i:06d}", used)
-            if name is None:
-                continue
+            fallback = f"{part_name}_{i:06d}"
+            # A row without a usable image keeps a name with no file: every load then counts and
+            # reports it as a missing image, like the other layouts do.
+            name = _hf_write_image(row[image_column], tmp / "images", fallback, used) or f"{fallback}.jpg"
             sentences = [{"raw": c} for c in _hf_captions(row, caption_columns)]
-            split = _HF_SPLIT_NAMES.get(part_name, "train") if split_known else "train"
+            if split_column:
+                split = row[split_column]
+            else:
+                split = _HF_SPLIT_NAMES.get(part_name, "train") if split_known else "train"
             images.append({"filename": name, "split": split, "sentences": sentences})
     if not split_known:   # one split only: make a seeded split by image like the Kaggle layout
         names = seeded_split([im["filename"] for im in images], cfg.split_sizes, cfg.split_seed)

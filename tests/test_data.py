@@ -418,6 +418,12 @@ def hf_sets(tmp_path_factory):
         {"img": images[lo:hi], "sentences": [[f"a shape {i}", f"shape {i} again"] for i in range(lo, hi)]})
     datasets.DatasetDict({"train": part(0, 6), "validation": part(6, 8), "test": part(8, 10)}) \
         .save_to_disk(str(tmp / "dict"))
+    splits = ["train"] * 6 + ["restval", "val", "test", "test"]
+    with_split = datasets.Dataset.from_dict(
+        {"photo": images[:9] + [None], "caption": [[f"item {i}"] for i in range(10)], "split": splits},
+        features=datasets.Features({"photo": datasets.Image(), "caption": [datasets.Value("string")],
+                                    "split": datasets.Value("string")}))
+    with_split.save_to_disk(str(tmp / "with_split"))
     folder = tmp / "folder"
     folder.mkdir()
     with open(folder / "metadata.jsonl", "w") as f:
@@ -470,3 +476,10 @@ def test_kaggle_dirt_unquoted_commas_empty_and_non_utf8(tmp_path):
     assert s.repaired["unquoted_comma"]["count"] == 1 and s.repaired["non_utf8_line"]["count"] == 2
     assert s.skipped["empty_caption"]["count"] == 1 and s.skipped["duplicate_caption"]["count"] == 1
     assert s.skipped["malformed_line"]["count"] == 1
+
+
+def test_hf_split_column_guessed_image_column_and_rows_without_image(hf_sets, tmp_path):
+    s = du.load_dataset(DataConfig(hf_dataset=str(hf_sets / "with_split"), hf_cache_dir=str(tmp_path)))
+    assert (len(s.train), len(s.val), len(s.test)) == (7, 1, 1)     # restval joins train
+    assert s.skipped["missing_image"]["count"] == 1                  # the row whose image is None
+    assert s.test[0].captions == ["item 8"]
