@@ -33,7 +33,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -237,25 +237,26 @@ class Vocabulary:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset_path: str | None = None            # data set folder; None = the embedded demo set
-    captions_file: str | None = None           # overrides detection: token file, captions.txt or JSON
-    images_dir: str | None = None              # overrides detection of the image folder
-    hf_dataset: str | None = None              # Hugging Face dataset: save_to_disk folder, imagefolder or hub name
-    hf_image_column: str = "image"             # column holding the image
-    hf_caption_columns: tuple[str, ...] | None = None  # caption columns; None = guess (caption_0.., captions, ...)
-    hf_cache_dir: str | None = None            # where a HF set is materialised; None = data/hf
-    demo_dir: str | None = None                # where the demo set is generated; None = data/demo
-    min_word_freq: int = 5                     # rarer training words become <unk>
-    max_caption_len: int = 35                  # words per caption (before <sos>/<eos>); longer ones are truncated
-    split_sizes: tuple[int, int] | None = None  # (train, val) images for seeded splits; None = 6000/1000 (80/10/10 below 7,000)
-    split_seed: int = 0                        # seed of the split by image (Kaggle layout, demo, unsplit HF sets)
-    num_workers: int = 2                       # DataLoader worker processes
+    dataset_path: str | None = None         # data set folder; None = the embedded demo set
+    captions_file: str | None = None        # overrides detection: token file, captions.txt or JSON
+    images_dir: str | None = None           # overrides detection of the image folder
+    hf_dataset: str | None = None           # HF data set: save_to_disk folder, imagefolder or hub name
+    hf_image_column: str = "image"          # column holding the image
+    hf_caption_columns: tuple[str, ...] | None = None  # None = guess (caption_0.., captions, caption, ...)
+    hf_cache_dir: str | None = None         # where a HF set is materialised; None = data/hf
+    demo_dir: str | None = None             # where the demo set is generated; None = data/demo
+    min_word_freq: int = 5                  # rarer training words become <unk>
+    max_caption_len: int = 35               # words per caption (without <sos>/<eos>); longer: truncated
+    split_sizes: tuple[int, int] | None = None  # (train, val) of seeded splits; None: split_sizes_for
+    split_seed: int = 0                     # seed of the split by image (Kaggle, demo, unsplit HF sets)
+    num_workers: int = 2                    # DataLoader worker processes
 
     def __post_init__(self):
         if self.split_sizes is not None:
             sizes = tuple(int(s) for s in self.split_sizes)
             if len(sizes) != 2 or min(sizes) < 0 or sizes[0] == 0:
-                raise ValueError(f"split_sizes must be two counts TRAIN VAL (TRAIN > 0), got {self.split_sizes}")
+                raise ValueError(f"split_sizes must be two counts TRAIN VAL (TRAIN > 0), "
+                                 f"got {self.split_sizes}")
             object.__setattr__(self, "split_sizes", sizes)
         if self.hf_caption_columns is not None:
             object.__setattr__(self, "hf_caption_columns", tuple(self.hf_caption_columns))
@@ -287,7 +288,7 @@ class DatasetSplits:
     val: list[ImageRecord]
     test: list[ImageRecord]
     skipped: dict[str, dict[str, Any]] = field(default_factory=dict)   # reason -> {count, examples}
-    repaired: dict[str, dict[str, Any]] = field(default_factory=dict)  # read anyway: reason -> {count, examples}
+    repaired: dict[str, dict[str, Any]] = field(default_factory=dict)  # read anyway: same form
     truncated_captions: int = 0
 
     def split(self, name: str) -> list[ImageRecord]:
@@ -539,7 +540,8 @@ def _read_karpathy(path: Path, root: Path, images_dir: str | None, skipped: _Tal
             continue
         paths[name] = next((base / r for r in options if (base / r).is_file()), base / options[0])
         sentences = img.get("sentences") or []
-        captions[name] = [s.get("raw") or " ".join(s.get("tokens", [])) for s in sentences if isinstance(s, dict)]
+        captions[name] = [s.get("raw") or " ".join(s.get("tokens", []))
+                          for s in sentences if isinstance(s, dict)]
         split = img.get("split", "train")
         split = {"restval": "train", "dev": "val", "valid": "val", "validation": "val"}.get(split, split)
         if split not in splits:
@@ -736,7 +738,11 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         img = _open_checked(path)
         with img:
             img.load()
-            img = ImageOps.exif_transpose(img)
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception as exc:   # broken EXIF blocks raise many types; the pixels are fine
+                log.debug("ignoring unreadable EXIF in %s: %s", path, exc)
+                img = img.copy()
             return _to_rgb(img)
     except CorruptImageError:
         raise
@@ -949,7 +955,8 @@ class FeatureStore:
             raise ValueError(f"{npy} is not a readable .npy file: {exc}") from None
         names = json.loads(names_file.read_text(encoding="utf-8"))
         if array.ndim != 3 or array.dtype not in (np.float16, np.float32):
-            raise ValueError(f"{npy}: expected a (N, P, C) float16/float32 array, got {array.shape} {array.dtype}")
+            raise ValueError(f"{npy}: expected a (N, P, C) float16/float32 array, "
+                             f"got {array.shape} {array.dtype}")
         if not isinstance(names, list) or len(names) != array.shape[0]:
             raise ValueError(f"{directory}: names.json has {len(names)} names for {array.shape[0]} rows")
         meta_file = directory / "meta.json"
@@ -973,7 +980,7 @@ class FeatureStore:
     def get(self, name: str) -> torch.Tensor:
         if name not in self._index:
             raise KeyError(f"{name} is not in the features file {self.directory}")
-        row = np.asarray(self._array[self._index[name]], dtype=np.float32)   # (P, C)
+        row = np.array(self._array[self._index[name]], dtype=np.float32)   # (P, C), a copy off the map
         return torch.from_numpy(row)
 
     # Workers started with spawn pickle the data set: send the path, not the mapped array.
@@ -1008,7 +1015,8 @@ def write_features(directory: str | os.PathLike, names: Sequence[str], batches: 
         for batch in batches:
             batch = np.asarray(batch)
             if batch.ndim != 3 or batch.shape[1:] != (positions, channels):
-                raise ValueError(f"write_features: batch of shape {batch.shape}, expected (b, {positions}, {channels})")
+                raise ValueError(f"write_features: batch of shape {batch.shape}, "
+                                 f"expected (b, {positions}, {channels})")
             if filled + len(batch) > len(names):
                 raise ValueError(f"write_features: more rows than the {len(names)} names")
             out[filled:filled + len(batch)] = batch
@@ -1259,7 +1267,8 @@ def _open_hf(name: str, cache_dir: Path):
                 or (path / "dataset_info.json").is_file() and any(path.glob("*.arrow")):
             return datasets.load_from_disk(str(path))
         if path.is_dir():
-            return datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=str(cache_dir / "_hf_cache"))
+            return datasets.load_dataset("imagefolder", data_dir=str(path),
+                                         cache_dir=str(cache_dir / "_hf_cache"))
         raise ValueError(f"--hf_dataset {name} is a file; expected a save_to_disk folder, "
                          "an imagefolder folder or a hub name")
     try:
@@ -1293,8 +1302,8 @@ def materialise_hf_dataset(cfg: DataConfig) -> Path:
         image_column = guesses[0]
     caption_columns = _hf_caption_columns(columns, cfg.hf_caption_columns)
     # Some uploads (e.g. of Flickr30k) keep the Karpathy split in a column.
-    split_column = "split" if "split" in columns and set(first.unique("split")) <= {*_HF_SPLIT_NAMES, "restval"} \
-        else None
+    known_splits = {*_HF_SPLIT_NAMES, "restval"}
+    split_column = "split" if "split" in columns and set(first.unique("split")) <= known_splits else None
     log.info("materialising Hugging Face data set %s into %s (image column %s, captions from %s)",
              cfg.hf_dataset, root, image_column, caption_columns)
 
