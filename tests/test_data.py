@@ -483,3 +483,17 @@ def test_hf_split_column_guessed_image_column_and_rows_without_image(hf_sets, tm
     assert (len(s.train), len(s.val), len(s.test)) == (7, 1, 1)     # restval joins train
     assert s.skipped["missing_image"]["count"] == 1                  # the row whose image is None
     assert s.test[0].captions == ["item 8"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--captions_file", "nope.txt"], "--captions_file nope.txt does not exist"),
+    (["--dataset_path", "KAGGLE", "--images_dir", "no/such/dir"], "--images_dir no/such/dir"),
+    (["--dataset_path", "KAGGLE", "--split_sizes", "20", "5"], "split_sizes 20 5 need 25 images"),
+    (["--dataset_path", "KAGGLE", "--split_sizes", "0", "5"], "split_sizes must be two counts"),
+    (["--dataset_path", "KAGGLE", "--min_word_freq", "0"], "min_word_freq must be >= 1"),
+])
+def test_bad_data_flags_are_one_line_errors(flags, message, kaggle_dir, capsys):
+    flags = [str(kaggle_dir) if f == "KAGGLE" else f for f in flags]
+    assert main(["--mode", "train", "--dry_run", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err
