@@ -123,15 +123,14 @@ def load_captioner(checkpoint, device="auto", *, need_encoder: bool = True) -> C
     return Captioner(model, vocab, cfg, transform, dev, source, ckpt.get("epoch"), ckpt.get("features"))
 
 
-def decode_images(captioner: Captioner, images: Sequence, decode_cfg):
-    """Caption a batch of PIL images: (list of word lists, list of (L, P) attention tensors on CPU)."""
+def decode_images(captioner: Captioner, inputs, decode_cfg):
+    """Caption a batch of model inputs (B, 3, H, W): (word lists, (L, P) attention tensors on CPU)."""
     import torch
 
     import model as model_mod
 
-    batch = torch.stack([captioner.transform(im) for im in images]).to(captioner.device)  # (B, 3, H, W)
     with torch.inference_mode():
-        feats = captioner.model.encode(batch)  # (B, P, C)
+        feats = captioner.model.encode(inputs.to(captioner.device))  # (B, P, C)
         out = model_mod.decode(captioner.model, feats, sos_id=captioner.vocab.sos_id,
                                eos_id=captioner.vocab.eos_id, unk_id=captioner.vocab.unk_id,
                                cfg=decode_cfg)
@@ -145,8 +144,10 @@ def caption_paths(paths: list, checkpoint, decode_cfg, device="auto", *, batch_s
     """Caption image files and/or folders with one model load; returns [(path, caption)].
 
     `checkpoint` is a path or an already loaded checkpoint dict. With `return_details`, each
-    item is a dict with the path, caption, words, attention (L, P) and the model input tensor.
+    item is a dict with the path, caption, words, attention (L, P) and the model input (3, H, W).
     """
+    import torch
+
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     files = collect_images(paths)
@@ -154,12 +155,11 @@ def caption_paths(paths: list, checkpoint, decode_cfg, device="auto", *, batch_s
     results = []
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
-        images = [open_image(p) for p in chunk]
-        words, alphas = decode_images(captioner, images, decode_cfg)
-        for p, im, w, a in zip(chunk, images, words, alphas):
+        inputs = torch.stack([captioner.transform(open_image(p)) for p in chunk])  # (B, 3, H, W)
+        words, alphas = decode_images(captioner, inputs, decode_cfg)
+        for p, x, w, a in zip(chunk, inputs, words, alphas):
             if return_details:
-                results.append({"path": str(p), "caption": " ".join(w), "words": w, "alphas": a,
-                                "input": captioner.transform(im)})
+                results.append({"path": str(p), "caption": " ".join(w), "words": w, "alphas": a, "input": x})
             else:
                 results.append((str(p), " ".join(w)))
     return results

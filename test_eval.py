@@ -70,6 +70,13 @@ def java_available() -> bool:
         return False
 
 
+_LINE_BREAKS = str.maketrans({c: " " for c in "\n\r\x0b\x0c\x85\u2028\u2029"})
+
+
+def _one_line(text: str) -> str:
+    return text.translate(_LINE_BREAKS)
+
+
 def _java_ptb_lines(lines: list[str]) -> list[str]:
     """Run the Stanford PTB tokenizer jar shipped with pycocoevalcap on lines (one out per in).
 
@@ -83,7 +90,8 @@ def _java_ptb_lines(lines: list[str]) -> list[str]:
     import pycocoevalcap.tokenizer.ptbtokenizer as ptb
 
     jar = Path(ptb.__file__).with_name(ptb.STANFORD_CORENLP_3_4_1_JAR)
-    text = "\n".join(line.replace("\n", " ").replace("\r", " ") for line in lines) + "\n"
+    # Java also ends lines at \r, U+0085, U+2028 and U+2029: keep one caption per line.
+    text = "\n".join(_one_line(line) for line in lines) + "\n"
     proc = subprocess.run(["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer",
                            "-preserveLines", "-lowerCase", "-encoding", "utf-8"],
                           input=text.encode("utf-8"), capture_output=True, check=False)
@@ -253,10 +261,19 @@ def score_captions(references: dict[str, list[str]], hypotheses: dict[str, str],
     missing = [k for k in names if not references.get(k)]
     if missing:
         raise ValueError(f"no reference captions for {len(missing)} image(s), e.g. {missing[0]!r}")
-    if use_java is None:
+    auto = use_java is None
+    if auto:
         use_java = java_available()
     # One tokenizer run for both sides (each Java run starts a JVM): the hypothesis goes last.
-    both, tokenizer = tokenize_captions({k: [*references[k], hypotheses[k]] for k in names}, use_java)
+    grouped = {k: [*references[k], hypotheses[k]] for k in names}
+    try:
+        both, tokenizer = tokenize_captions(grouped, use_java)
+    except (RuntimeError, OSError) as exc:
+        if not auto:
+            raise ValueError(f"{exc}; rerun with --no-java to use the Python tokenisation rule") from None
+        logger.warning("%s; using the Python tokenisation rule and no METEOR instead", exc)
+        use_java = False
+        both, tokenizer = tokenize_captions(grouped, use_java)
     gts = {k: v[:-1] for k, v in both.items()}
     res = {k: [v[-1]] for k, v in both.items()}
 
@@ -444,7 +461,7 @@ def _decode_split(captioner, records, decode_cfg, *, features_dir=None, batch_si
 
 
 def format_table(metrics: dict[str, float | None]) -> str:
-    """The metrics as a two-column text table (scores x 100 except CIDEr-D, as papers print them)."""
+    """The metrics as a two-column text table (raw scores, as pycocoevalcap returns them)."""
     width = max(len(m) for m in metrics)
     lines = [f"{'metric':<{width}}  score", f"{'-' * width}  -----"]
     for m, v in metrics.items():

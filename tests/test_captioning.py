@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import helpers_infer as hi
+from helpers_infer import one_torch_thread  # noqa: F401  (autouse fixture)
 import main
 import model
 import test as captioning

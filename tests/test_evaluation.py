@@ -10,6 +10,7 @@ import pytest
 
 import data_utils
 import helpers_infer as hi
+from helpers_infer import one_torch_thread  # noqa: F401  (autouse fixture)
 import main
 import model
 import test_eval
