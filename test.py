@@ -185,8 +185,8 @@ def attention_figure(photo, words: Sequence[str], alphas, *, title: str | None =
     `photo` is (H, W, 3) in [0, 1] (`display_image` of the model input, so the attention grid
     lines up with what the model saw) or a PIL image; `alphas` is (L, P) with P = S*S, L >= len(words)
     (a step for `<eos>` may follow the words; it is not drawn). Each panel's weights are
-    scaled to their own maximum so where the model looked shows even when attention is
-    spread; the colour bar-less overlay reads: bright = looked here.
+    stretched to their own min..max, so the overlay reads red = where the model looked most
+    for that word, blue = least; a word whose attention is uniform is marked "(uniform)".
     """
     import matplotlib
 
@@ -209,13 +209,19 @@ def attention_figure(photo, words: Sequence[str], alphas, *, title: str | None =
         raise ValueError(f"attention over {alphas.shape[1]} positions is not a square grid")
     maps = alphas[:n_words].view(n_words, 1, side, side)  # (L, 1, S, S)
     maps = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False)[:, 0]  # (L, H, W)
-    peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12)  # (L,)
-    maps = (maps / peak[:, None, None]).clamp(0, 1).numpy()
+    low = maps.flatten(1).amin(dim=1)[:, None, None]  # (L, 1, 1)
+    spread = maps.flatten(1).amax(dim=1)[:, None, None] - low  # (L, 1, 1)
+    # Min-max per word, so a peak shows even when the weights are spread out; attention that
+    # is (almost) uniform has nothing to show and stays dark instead of turning all red.
+    flat = spread < 1e-3 * alphas[:n_words].mean(dim=1).clamp_min(1e-12)[:, None, None]
+    maps = torch.where(flat, torch.zeros_like(maps), (maps - low) / spread.clamp_min(1e-12)).numpy()
+    flat = flat.flatten().tolist()
 
     panels = n_words + 1
     cols = min(max_cols, panels)
     rows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.8 * rows), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     axes.flat[0].imshow(photo)
@@ -224,9 +230,8 @@ def attention_figure(photo, words: Sequence[str], alphas, *, title: str | None =
         ax = axes.flat[i + 1]
         ax.imshow(photo)
         ax.imshow(maps[i], cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
-        ax.set_title(word, fontsize=11)
+        ax.set_title(f"{word} (uniform)" if flat[i] else word, fontsize=11)
     fig.suptitle(" ".join(words) or "(empty caption)", fontsize=11)
-    fig.tight_layout()
     return fig
 
 

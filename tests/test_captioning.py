@@ -105,12 +105,14 @@ def test_attention_figure_has_one_panel_per_word(ckpt, photos, capsys, monkeypat
     made = sorted(p.name for p in (tmp_path / "graphs").iterdir())
     assert made == ["attention_blue1.png", "attention_red1.png", "attention_red2.png"]
 
-    # The figure itself: photo + one overlay per word, drawn even from a flat attention.
-    fig = captioning.attention_figure(torch.rand(64, 64, 3).numpy(), ["a", "red", "wall"],
-                                      torch.full((3, 4), 0.25))
+    # The figure itself: photo + one overlay per word; a uniform attention is said to be one.
+    alphas = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4]])
+    fig = captioning.attention_figure(torch.rand(64, 64, 3).numpy(), ["a", "red", "wall"], alphas)
     drawn = [ax for ax in fig.axes if ax.images]
-    assert len(drawn) == 4 and [ax.get_title() for ax in drawn[1:]] == ["a", "red", "wall"]
+    assert len(drawn) == 4 and [ax.get_title() for ax in drawn[1:]] == ["a", "red (uniform)", "wall"]
     assert all(len(ax.images) == 2 for ax in drawn[1:])  # photo + upsampled attention
+    overlay = drawn[1].images[1].get_array()  # (64, 64): peak where the 0.7 was (top left)
+    assert overlay.shape == (64, 64) and overlay[:16, :16].mean() > overlay[48:, 48:].mean() + 0.5
     with pytest.raises(ValueError, match="square"):
         captioning.attention_figure(torch.rand(8, 8, 3).numpy(), ["a"], torch.full((1, 3), 1 / 3))
 
