@@ -560,7 +560,8 @@ def run_evaluation(checkpoint_path, data_cfg, decode_cfg, *, split: str = "test"
     summary = {
         "split": split,
         "data": {"root": str(splits.root), "layout": splits.layout,
-                 "features_dir": str(features_dir) if features_dir else None},
+                 "features_dir": str(features_dir) if features_dir else None,
+                 "config": dataclasses.asdict(data_cfg)},
         "checkpoint": str(checkpoint_path),
         "epoch": captioner.epoch,
         "encoder": captioner.model_cfg.encoder,

@@ -208,3 +208,33 @@ def test_histograms_keep_per_image_scores_and_draw_density_curves(tmp_path):
     dens = test_eval._density([s["ROUGE-L"] for s in per.values()], grid)
     assert dens.sum() * (grid[1] - grid[0]) == pytest.approx(1.0, abs=0.02)  # a density integrates to 1
     assert test_eval._density([0.5, 0.5], grid) is None
+
+
+def test_wandb_gets_the_metrics_table_and_pictures(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    import train
+
+    logged, finished = [], []
+    run = types.SimpleNamespace(log=logged.append, finish=lambda: finished.append(True))
+    monkeypatch.setattr(train, "start_wandb", lambda cfg, config: run)
+
+    class Table:
+        def __init__(self, columns):
+            self.columns, self.rows = columns, []
+
+        def add_data(self, *row):
+            self.rows.append(row)
+
+    fake = types.SimpleNamespace(Table=Table, Image=lambda path: ("image", path))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    summary = {"split": "test", "checkpoint": "c.pt", "decoding": {"beam_size": 3},
+               "metrics": {"BLEU-4": 0.25, "METEOR": None, "CIDEr-D": 0.5},
+               "per_image": {"x.jpg": {"caption": "a dog", "BLEU-4": 0.1, "METEOR": None, "ROUGE-L": 0.3,
+                                       "CIDEr-D": 0.2}}}
+    test_eval._log_wandb(summary, tmp_path / "h.png", tmp_path / "g.png", "offline", "p", None)
+    assert logged[0] == {"eval_test/BLEU-4": 0.25, "eval_test/CIDEr-D": 0.5}  # unavailable METEOR left out
+    table = logged[1]["eval_test/per_image"]
+    assert table.rows == [("x.jpg", "a dog", 0.1, None, 0.3, 0.2)]
+    assert logged[1]["eval_test/grid"] == ("image", str(tmp_path / "g.png")) and finished == [True]
