@@ -1,0 +1,444 @@
+"""train.py and --mode train/extract: tiny data sets written here, tiny random-init models, CPU."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import checkpoint as ck
+import data_utils
+import main as cli
+import model as model_lib
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 40, 220)}
+TINY_MODEL = ["--encoder", "resnet18", "--no-pretrained", "--image_size", "32", "--encoded_size", "2",
+              "--embed_dim", "16", "--attention_dim", "16", "--decoder_dim", "16"]
+
+
+def make_dataset(root: Path, n: int = 24) -> Path:
+    """Kaggle layout: n noisy one-colour photos, two captions each naming the colour."""
+    rng = np.random.default_rng(0)
+    (root / "Images").mkdir(parents=True)
+    rows = ["image,caption"]
+    for i in range(n):
+        colour = list(COLOURS)[i % 3]
+        arr = np.clip(np.array(COLOURS[colour]) + rng.normal(0, 15, (40, 40, 3)), 0, 255)
+        Image.fromarray(arr.astype(np.uint8)).save(root / "Images" / f"im{i:03d}.jpg")
+        rows += [f"im{i:03d}.jpg,a {colour} square", f"im{i:03d}.jpg,a {colour} square on a wall"]
+    (root / "captions.txt").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is as fast, and kinder to a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "set")
+
+
+@pytest.fixture(scope="module")
+def features_root(tmp_path_factory) -> Path:
+    """One feature cache for the module: runs with the same seed reuse it."""
+    return tmp_path_factory.mktemp("features")
+
+
+def configs(dataset: Path, out: Path, features_root: Path | None = None, *, model=None,
+            split_sizes=(16, 4), **train_kw):
+    data_cfg = data_utils.DataConfig(dataset_path=str(dataset), split_sizes=split_sizes, min_word_freq=1,
+                                     num_workers=0)
+    model_cfg = model_lib.ModelConfig(vocab_size=5, encoder="resnet18", pretrained=False, image_size=32,
+                                      encoded_size=2, embed_dim=16, attention_dim=16, decoder_dim=16,
+                                      **(model or {}))
+    kw = dict(batch_size=8, epochs=1, weights_dir=str(out / "weights"), graphs_dir=str(out / "graphs"),
+              features_root=str(features_root or out / "features"), wandb="disabled")
+    kw.update(train_kw)
+    return data_cfg, model_cfg, train.TrainConfig(**kw)
+
+
+def weights_of(path: Path) -> dict:
+    return ck.load_checkpoint(path)["model"]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------- one run, its files
+
+def test_two_epochs_write_checkpoints_graphs_history_and_tensorboard(dataset, features_root, tmp_path):
+    out = tmp_path / "run"
+    status = train.run_training(*configs(dataset, out, features_root, epochs=2, save_every=1,
+                                         keep_last=1, tensorboard=True))
+    assert status == 0
+    w = out / "weights"
+    names = sorted(p.name for p in w.iterdir())
+    # keep_last=1: only the newest periodic checkpoint stays.
+    assert names == ["best.pt", "epoch_002.pt", "history.json", "last.pt", "runs", "vocab.json"]
+    assert (out / "graphs" / "loss.png").stat().st_size > 1000
+    assert (out / "graphs" / "bleu.png").stat().st_size > 1000
+    history = json.loads((w / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert {"loss", "val_loss", "bleu1", "bleu4", "lr", "captions_per_s", "acc", "val_acc"} <= set(history[0])
+    last = ck.load_checkpoint(w / "last.pt")
+    assert last["epoch"] == 2 and last["step_in_epoch"] == 0
+    assert last["vocab"] == data_utils.Vocabulary.load(w / "vocab.json").to_list()
+    assert last["features"]["dir"].startswith(str(features_root))
+    # Frozen encoder: the checkpoint still holds it, so it captions photos.
+    model, vocab, cfg = ck.model_from_checkpoint(last)
+    assert model.encoder is not None and cfg.vocab_size == len(vocab)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(next((w / "runs").iterdir())))
+    acc.Reload()
+    assert {"train/loss", "val/loss", "val/bleu4", "lr"} <= set(acc.Tags()["scalars"])
+    assert any("val/samples" in t for t in acc.Tags()["tensors"])
+
+
+def test_fine_tune_end_to_end_with_batch_4_uses_encoder_lr(dataset, tmp_path):
+    # 4 training images x 2 captions: 2 steps through the CNN.
+    data_cfg, model_cfg, cfg = configs(dataset, tmp_path, model={"fine_tune_encoder": True},
+                                       split_sizes=(4, 2), batch_size=4, lr=1e-3, encoder_lr=3e-4, grad_clip=1.0)
+    torch.manual_seed(cfg.seed)  # the encoder is built first, so its init matches the run's
+    before = model_lib.build_model(dataclasses.replace(model_cfg, vocab_size=9))
+    assert train.run_training(data_cfg, model_cfg, cfg) == 0
+    ckpt = ck.load_checkpoint(tmp_path / "weights" / "last.pt")
+    groups = {g["name"]: g["lr"] for g in ckpt["optimizer"]["param_groups"]}
+    assert groups == {"decoder": 1e-3, "encoder": 3e-4}
+    # No cache when fine-tuning, and the encoder's trainable stages moved.
+    assert ckpt["features"] is None and not (tmp_path / "features").exists()
+    key = "encoder.body.7.0.conv1.weight"
+    assert not torch.equal(ckpt["model"][key], before.state_dict()[key])
+
+
+# ---------------------------------------------------------------- resume, signals, faults
+
+def test_resume_after_epoch_and_after_sigint_mid_epoch_match_uninterrupted_run(
+        dataset, features_root, tmp_path, monkeypatch):
+    fine = {"dropout": 0.5}  # dropout draws from the RNG every step: it must resume exactly too
+    full = tmp_path / "full"
+    kw = dict(model=fine, batch_size=4, features_root=features_root)
+    assert train.run_training(*configs(dataset, full, epochs=2, **kw)) == 0
+    reference = ck.load_checkpoint(full / "weights" / "last.pt")
+
+    # 1) stopped after epoch 1, resumed with --resume auto.
+    part = tmp_path / "part"
+    assert train.run_training(*configs(dataset, part, epochs=1, **kw)) == 0
+    assert train.run_training(*configs(dataset, part, epochs=2, resume="auto", **kw)) == 0
+    resumed = ck.load_checkpoint(part / "weights" / "last.pt")
+    assert_same_state(reference["model"], resumed["model"])
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    assert resumed["history"][1]["bleu4"] == reference["history"][1]["bleu4"]
+
+    # 2) SIGINT during the 3rd step of epoch 2: that step finishes, last.pt is saved, exit 130.
+    sig = tmp_path / "sig"
+    calls = {"n": 0}
+    real = train.compute_loss
+
+    def interrupting(net, *args, **kwargs):
+        if net.training:
+            calls["n"] += 1
+            if calls["n"] == 8 + 3:  # 8 steps per epoch (32 captions / 4)
+                signal.raise_signal(signal.SIGINT)
+        return real(net, *args, **kwargs)
+
+    monkeypatch.setattr(train, "compute_loss", interrupting)
+    assert train.run_training(*configs(dataset, sig, epochs=2, **kw)) == 130
+    monkeypatch.setattr(train, "compute_loss", real)
+    saved = ck.load_checkpoint(sig / "weights" / "last.pt")
+    assert (saved["epoch"], saved["step_in_epoch"]) == (1, 3)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert train.run_training(*configs(dataset, sig, epochs=2,
+                                       resume=str(sig / "weights" / "last.pt"), **kw)) == 0
+    assert_same_state(reference["model"], weights_of(sig / "weights" / "last.pt"))
+
+
+def test_resume_with_another_model_names_the_fields(dataset, features_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.run_training(*configs(dataset, out, features_root)) == 0
+    argv = ["--mode", "train", "--dataset_path", str(dataset), "--split_sizes", "16", "4",
+            "--min_word_freq", "1", "--num_workers", "0", *TINY_MODEL, "--decoder_dim", "32",
+            "--encoded_size", "3", "--weights_dir", str(out / "weights"), "--resume", "auto",
+            "--features_root", str(features_root), "--wandb", "disabled"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "decoder_dim: checkpoint 16 vs requested 32" in err
+    assert "encoded_size: checkpoint 2 vs requested 3" in err
+    assert cli.main(argv[:-6] + ["--resume", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--amp", "fp16"], "--amp fp16 needs a CUDA device"),
+    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+])
+def test_bad_training_flags_are_one_line_errors(dataset, tmp_path, capsys, argv, message):
+    base = ["--mode", "train", "--dataset_path", str(dataset), "--weights_dir", str(tmp_path),
+            "--wandb", "disabled", *TINY_MODEL]
+    assert cli.main(base + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_nan_losses_are_skipped_then_stop_training_keeping_the_last_good_checkpoint(
+        dataset, features_root, tmp_path, monkeypatch, caplog):
+    real = model_lib.caption_loss
+    plan = {"bad": {2, 3}, "n": 0}
+
+    def flaky(logits, *args, **kwargs):
+        loss, ce = real(logits, *args, **kwargs)
+        if torch.is_grad_enabled():
+            plan["n"] += 1
+            if plan["n"] in plan["bad"]:
+                loss = loss * float("nan")
+        return loss, ce
+
+    monkeypatch.setattr(model_lib, "caption_loss", flaky)
+    data_cfg, model_cfg, cfg = configs(dataset, tmp_path, features_root, epochs=2, max_bad_steps=3)
+    assert train.run_training(data_cfg, model_cfg, cfg) == 0
+    history = json.loads((tmp_path / "weights" / "history.json").read_text())
+    assert history[0]["skipped_nonfinite"] == 2 and np.isfinite(history[0]["loss"])
+    assert "non-finite loss" in caplog.text
+    good = weights_of(tmp_path / "weights" / "last.pt")
+    assert all(torch.isfinite(t).all() for t in good.values() if t.is_floating_point())
+
+    # From the 1st step of epoch 3 on, every loss is NaN: 3 in a row stop the run, exit 1.
+    plan["bad"] = set(range(plan["n"] + 1, plan["n"] + 100))
+    cfg = dataclasses.replace(cfg, epochs=3, resume="auto")
+    assert train.run_training(data_cfg, model_cfg, cfg) == 1
+    assert "3 non-finite losses in a row" in caplog.text
+    assert_same_state(good, weights_of(tmp_path / "weights" / "last.pt"))
+
+
+_TRAIN_FOREVER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    import main
+    sys.exit(main.main(sys.argv[1:]))
+""")
+
+
+def _spawn_training(dataset: Path, out: Path, features_root: Path) -> subprocess.Popen:
+    script = out / "run.py"
+    out.mkdir(parents=True, exist_ok=True)
+    script.write_text(_TRAIN_FOREVER.format(root=str(ROOT)))
+    argv = ["--mode", "train", "--dataset_path", str(dataset), "--split_sizes", "16", "4",
+            "--min_word_freq", "1", "--num_workers", "0", *TINY_MODEL, "--batch_size", "2",
+            "--epochs", "50", "--patience", "0", "--weights_dir", str(out / "weights"),
+            "--graphs_dir", str(out / "graphs"), "--features_root", str(features_root),
+            "--wandb", "disabled", "--log_level", "warning"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    return subprocess.Popen([sys.executable, str(script), *argv], env=env, cwd=out,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, f"no {path} after {timeout}s"
+        time.sleep(0.05)
+
+
+def test_sigkill_and_sigterm_in_a_real_process(dataset, features_root, tmp_path):
+    """kill -9 soon after an epoch's save (mid-epoch or mid-save): last.pt loads and resumes.
+    SIGTERM: the step finishes, last.pt is saved, exit status 143."""
+    # Warm the feature cache in-process so the subprocesses start training at once.
+    train.run_training(*configs(dataset, tmp_path / "warm", features_root))
+    killed, termed = tmp_path / "killed", tmp_path / "termed"
+    procs = {"kill": _spawn_training(dataset, killed, features_root),
+             "term": _spawn_training(dataset, termed, features_root)}
+    try:
+        _wait_for(killed / "weights" / "last.pt", procs["kill"])
+        time.sleep(0.3)
+        procs["kill"].send_signal(signal.SIGKILL)
+        _wait_for(termed / "weights" / "last.pt", procs["term"])
+        time.sleep(0.3)
+        procs["term"].send_signal(signal.SIGTERM)
+        assert procs["term"].wait(timeout=60) == 143, procs["term"].stderr.read()[-2000:]
+        assert procs["kill"].wait(timeout=60) == -signal.SIGKILL
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+    # Where SIGTERM lands (mid-epoch, validation, a save) depends on timing: last.pt loads either way.
+    ck.load_checkpoint(termed / "weights" / "last.pt")
+
+    before = ck.load_checkpoint(killed / "weights" / "last.pt")
+    data_cfg, model_cfg, cfg = configs(dataset, killed, features_root, batch_size=2, patience=0,
+                                       epochs=before["epoch"] + 1, resume="auto")
+    assert train.run_training(data_cfg, model_cfg, cfg) == 0
+    after = ck.load_checkpoint(killed / "weights" / "last.pt")
+    assert after["epoch"] == before["epoch"] + 1
+    assert len(after["history"]) == before["epoch"] + 1
+
+
+_DDP_SCRIPT = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {root!r})
+    sys.path.insert(0, {tests!r})
+    import torch, torch.distributed as dist
+    import train, test_train
+    from pathlib import Path
+    out = Path({out!r})
+    cfgs = test_train.configs(Path({dataset!r}), out, Path({features!r}), epochs=2, batch_size=4)
+    captured = {{}}
+    real = train.unwrap
+    def spy(m):
+        got = real(m)
+        captured["model"] = got
+        return got
+    train.unwrap = spy
+    status = train.run_training(*cfgs)
+    torch.save(captured["model"].state_dict(), out / f"rank{{os.environ['RANK']}}.pt")
+    sys.exit(status)
+""")
+
+
+def test_ddp_two_processes_on_cpu_agree_and_write_one_set_of_files(dataset, features_root, tmp_path):
+    train.run_training(*configs(dataset, tmp_path / "warm", features_root))  # feature cache ready
+    out = tmp_path / "ddp"
+    out.mkdir()
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), out=str(out),
+                                         dataset=str(dataset), features=str(features_root)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(script)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    assert_same_state(rank0, rank1)
+    assert_same_state(rank0, weights_of(out / "weights" / "last.pt"))
+    assert sorted(p.name for p in (out / "weights").iterdir()) == [
+        "best.pt", "history.json", "last.pt", "vocab.json"]
+    history = json.loads((out / "weights" / "history.json").read_text())
+    # Each rank trains on half of the 32 captions; the summary counts both halves.
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[0]["captions_per_s"] > 0
+
+
+# ---------------------------------------------------------------- features
+
+def test_extract_then_train_on_features_dir_never_builds_the_cnn(dataset, tmp_path, monkeypatch, capsys):
+    feats = tmp_path / "feats"
+    argv = ["--mode", "extract", "--dataset_path", str(dataset), "--split_sizes", "16", "4",
+            "--num_workers", "0", *TINY_MODEL, "--features_dir", str(feats), "--batch_size", "8"]
+    assert cli.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["images"], summary["positions"], summary["channels"]) == (24, 4, 512)
+    store = data_utils.FeatureStore.open(feats)
+    assert store.get("im000.jpg").shape == (4, 512)
+    assert np.load(feats / "features.npy", mmap_mode="r").dtype == np.float16
+
+    def no_cnn(*args, **kwargs):
+        raise AssertionError("the CNN was built")
+
+    monkeypatch.setattr(model_lib, "Encoder", no_cnn)
+    monkeypatch.setattr(train, "extract_features", no_cnn)
+    data_cfg, model_cfg, cfg = configs(dataset, tmp_path, features_dir=str(feats))
+    assert train.run_training(data_cfg, model_cfg, cfg) == 0
+    ckpt = ck.load_checkpoint(tmp_path / "weights" / "best.pt")
+    assert ckpt["model_config"]["encoder"] == "features"
+    assert ckpt["model_config"]["feature_dim"] == 512
+    model, _, _ = ck.model_from_checkpoint(ckpt)
+    assert model.encoder is None
+
+
+def test_features_key_changes_with_weights_size_and_images(dataset):
+    cfg = model_lib.ModelConfig(vocab_size=9, encoder="resnet18", pretrained=False, image_size=32,
+                                encoded_size=2)
+    torch.manual_seed(0)
+    enc = model_lib.build_model(cfg).encoder
+    key, meta = train.features_key(cfg, enc, ["a.jpg", "b.jpg"])
+    assert key == train.features_key(cfg, enc, ["a.jpg", "b.jpg"])[0]
+    assert key != train.features_key(cfg, enc, ["a.jpg"])[0]
+    assert key != train.features_key(dataclasses.replace(cfg, encoded_size=3), enc, ["a.jpg", "b.jpg"])[0]
+    torch.manual_seed(1)
+    other = model_lib.build_model(cfg).encoder
+    assert key != train.features_key(cfg, other, ["a.jpg", "b.jpg"])[0]
+
+
+# ---------------------------------------------------------------- demo preset, pieces
+
+def test_demo_preset_fills_only_flags_the_user_left_alone(monkeypatch):
+    seen = {}
+
+    def fake_run(data_cfg, model_cfg, train_cfg):
+        seen.update(data=data_cfg, model=model_cfg, train=train_cfg)
+        return 0
+
+    monkeypatch.setattr(train, "run_training", fake_run)
+    assert cli.main(["--mode", "train", "--epochs", "3", "--decoder_dim", "64"]) == 0
+    assert seen["train"].epochs == 3 and seen["model"].decoder_dim == 64  # the user's
+    assert seen["train"].batch_size == train.DEMO_PRESET["batch_size"]  # the preset's
+    assert (seen["model"].encoder, seen["model"].pretrained) == ("resnet18", False)
+    assert seen["model"].fine_tune_encoder and seen["data"].min_word_freq == 1
+    # With a data set, no preset: the config defaults.
+    assert cli.main(["--mode", "train", "--dataset_path", "x"]) == 0
+    assert seen["train"].batch_size == 128 and seen["model"].encoder == "resnet50"
+
+
+def test_help_defaults_match_train_config():
+    """The [default] in each training flag's help is TrainConfig's default."""
+    parser = cli.build_parser()
+    defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
+    checked = 0
+    for action in parser._actions:
+        name = action.dest
+        if name in defaults and action.help and action.help.endswith("]") and "[" in action.help:
+            shown = action.help.rsplit("[", 1)[1][:-1]
+            value = defaults[name]
+            if isinstance(value, bool):
+                assert shown == ("on" if value else "off"), name
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                assert float(shown) == value, name
+            elif value is not None:
+                assert shown == str(value), name
+            checked += 1
+    assert checked >= 20
+
+
+def test_sampler_skips_trained_batches_and_shards_ranks():
+    data = list(range(10))
+    full = list(train.ResumableSampler(data, num_replicas=1, rank=0, shuffle=True, seed=3))
+    s = train.ResumableSampler(data, num_replicas=1, rank=0, shuffle=True, seed=3)
+    s.skip = 4
+    assert list(s) == full[4:] and len(s) == 6
+    shards = [list(train.ResumableSampler(data, num_replicas=2, rank=r, shuffle=True, seed=3))
+              for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == sorted(full)
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    train.seed_everything(5)
+    state = train.rng_state()
+    ck.save_checkpoint(tmp_path / "r.pt", {"format": ck.FORMAT, "model_config": {}, "vocab": [],
+                                            "model": {}, "rng": state})
+    expected = (np.random.rand(), torch.rand(2), __import__("random").random())
+    train.seed_everything(99)
+    train.set_rng_state(ck.load_checkpoint(tmp_path / "r.pt")["rng"])
+    got = (np.random.rand(), torch.rand(2), __import__("random").random())
+    assert got[0] == expected[0] and torch.equal(got[1], expected[1]) and got[2] == expected[2]
