@@ -274,6 +274,131 @@ def image_transform(cfg: ModelConfig, train: bool) -> Callable:
 # Decoder
 # --------------------------------------------------------------------------------------------
 
+# Teacher forcing runs the same weights and the same per-image tensors at every step. Plain autograd
+# then computes, at every step, a full-size weight gradient from a handful of rows (a memory-bound
+# outer product) and a zero-filled full-size gradient for each `x[:b]` slice, and adds them up.
+# A tape instead records each step's (input, output-gradient) pair, or adds the step's gradient
+# into the live prefix of one buffer, and hands the parameter a single gradient at the end: one
+# large matrix product per weight. A zero "token" made from the source ties every step to the
+# sink in the graph, so autograd runs the sink only after the last step's backward.
+
+class _Tape:
+    def __init__(self, source: Tensor) -> None:
+        self.source = source.detach()
+        self.xs: list[Tensor] = []
+        self.gs: list[Tensor] = []
+        self.buffer: Tensor | None = None
+        self.token = _Sink.apply(source, self) if source.requires_grad else None
+
+    def add_prefix(self, b: int, grad: Tensor) -> None:
+        if self.buffer is None:
+            self.buffer = torch.zeros_like(self.source)
+        self.buffer[:b] += grad.to(self.buffer.dtype)
+
+    def finish(self) -> Tensor:
+        if self.xs:  # a weight (N, K): sum over steps of g_t^T x_t, as one product
+            dtype = self.source.dtype
+            grad = torch.cat(self.gs).to(dtype).t() @ torch.cat(self.xs).to(dtype)  # (N, K)
+        else:  # a per-image tensor used as prefixes
+            grad = self.buffer if self.buffer is not None else torch.zeros_like(self.source)
+        self.xs, self.gs, self.buffer = [], [], None
+        return grad
+
+
+class _Sink(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, source: Tensor, tape: _Tape) -> Tensor:
+        ctx.tape = tape
+        return source.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _grad: Tensor):
+        return ctx.tape.finish(), None
+
+
+def _token_grad(token: Tensor | None) -> Tensor | None:
+    return None if token is None else torch.zeros_like(token)
+
+
+class _TapedLinear(torch.autograd.Function):
+    """x (M,K) @ weight.T without a bias; the weight's gradient goes to its tape."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, token: Tensor, tape: _Tape) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.tape = tape
+        return x @ tape.source.t().to(x.dtype)  # (M, N)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        ctx.tape.xs.append(x)
+        ctx.tape.gs.append(grad)
+        grad_x = (grad @ ctx.tape.source.to(grad.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, torch.zeros_like(ctx.tape.token), None
+
+
+class _TapedScores(torch.autograd.Function):
+    """Additive attention energies w . relu(enc_proj[:b] + q) for K queries per image."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, w: Tensor, token: Tensor | None, tape: _Tape, b: int) -> Tensor:
+        enc = tape.source[:b]  # (b, P, A)
+        hidden = torch.relu_(enc.unsqueeze(1) + q.to(enc.dtype).unsqueeze(2))  # (b, K, P, A)
+        ctx.save_for_backward(hidden, w)
+        ctx.tape, ctx.b, ctx.q_dtype = tape, b, q.dtype
+        return hidden @ w.to(hidden.dtype)  # (b, K, P)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        hidden, w = ctx.saved_tensors
+        grad = grad.to(hidden.dtype)
+        d = torch.ops.aten.threshold_backward(grad.unsqueeze(-1) * w.to(hidden.dtype), hidden, 0)  # (b,K,P,A)
+        if ctx.tape.token is not None:
+            # squeeze, not sum, for one query: a sum over a size-1 dim zero-fills and accumulates.
+            ctx.tape.add_prefix(ctx.b, d.squeeze(1) if d.size(1) == 1 else d.sum(1))
+        grad_q = d.sum(2).to(ctx.q_dtype)  # (b, K, A)
+        grad_w = (grad.reshape(1, -1) @ hidden.flatten(0, 2)).view(-1).to(w.dtype)  # (A,)
+        return grad_q, grad_w, _token_grad(ctx.tape.token), None, None
+
+
+class _TapedContext(torch.autograd.Function):
+    """alpha (b,K,P) @ feats[:b] (b,P,D) -> (b,K,D)."""
+
+    @staticmethod
+    def forward(ctx, alpha: Tensor, token: Tensor | None, tape: _Tape, b: int) -> Tensor:
+        feats = tape.source[:b]  # (b, P, D)
+        ctx.save_for_backward(alpha)
+        ctx.tape, ctx.b = tape, b
+        return torch.bmm(alpha.to(feats.dtype), feats)  # (b, K, D)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (alpha,) = ctx.saved_tensors
+        feats = ctx.tape.source[:ctx.b]  # (b, P, D)
+        grad = grad.to(feats.dtype)
+        grad_alpha = torch.bmm(grad, feats.transpose(1, 2)).to(alpha.dtype)  # (b, K, P)
+        if ctx.tape.token is not None:
+            ctx.tape.add_prefix(ctx.b, torch.bmm(alpha.to(feats.dtype).transpose(1, 2), grad))  # (b, P, D)
+        return grad_alpha, _token_grad(ctx.tape.token), None, None
+
+
+class _Tapes:
+    """The tapes of one teacher-forcing pass."""
+
+    def __init__(self, dec: "AttentionDecoder", feats: Tensor, enc_proj: Tensor) -> None:
+        self.feats = _Tape(feats)
+        self.enc_proj = _Tape(enc_proj)
+        self.query = _Tape(dec.query.weight)
+        self.ctx_gates = _Tape(dec.ctx_gates.weight)
+        self.upper = [_Tape(lin.weight) for lin in dec.upper]
+
+    @staticmethod
+    def linear(tape: _Tape, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        y = _TapedLinear.apply(x, tape.token, tape) if tape.token is not None else x @ tape.source.t()
+        return y if bias is None else y + bias
+
+
 class AttentionDecoder(nn.Module):
     """Two (num_layers) stacked LSTMs with gated soft attention over D-channel positions.
 
@@ -303,6 +428,10 @@ class AttentionDecoder(nn.Module):
         self.fc = nn.Linear(H, cfg.vocab_size)
         self.dropout = cfg.dropout
         self.reset_parameters()
+
+    # Teacher forcing with gradient tapes (see _Tape); False: plain autograd (bench/bench_decoder.py
+    # measures both, tests check they give the same gradients).
+    use_tapes = True
 
     def reset_parameters(self) -> None:
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
@@ -341,6 +470,16 @@ class AttentionDecoder(nn.Module):
         context = torch.bmm(alpha, feats) * torch.sigmoid(gate)  # (N, K, D)
         return context, alpha
 
+    def _attend_taped(self, tapes: _Tapes, b: int, h_top: Tensor) -> tuple[Tensor, Tensor]:
+        """attend() on the first b images of the pass, gradients through the tapes. h_top (b,H)."""
+        A = self.cfg.attention_dim
+        q = _Tapes.linear(tapes.query, h_top, self.query.bias)  # (b, A+D)
+        att_q, gate = q.unsqueeze(1).split([A, q.size(-1) - A], dim=-1)  # (b,1,A), (b,1,D)
+        scores = _TapedScores.apply(att_q, self.full_att.weight.view(-1), tapes.enc_proj.token, tapes.enc_proj, b)
+        alpha = torch.softmax(scores, dim=-1)  # (b, 1, P)
+        context = _TapedContext.apply(alpha, tapes.feats.token, tapes.feats, b) * torch.sigmoid(gate)  # (b,1,D)
+        return context, alpha
+
     @staticmethod
     def _cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         H = c.size(-1)
@@ -350,15 +489,20 @@ class AttentionDecoder(nn.Module):
         h = ifo[..., 2 * H:] * torch.tanh(c)  # (..., H)
         return h, c
 
-    def lstm(self, emb_gates: Tensor, context: Tensor, h: list[Tensor], c: list[Tensor]
-             ) -> tuple[list[Tensor], list[Tensor]]:
+    def lstm(self, emb_gates: Tensor, context: Tensor, h: list[Tensor], c: list[Tensor],
+             tapes: _Tapes | None = None) -> tuple[list[Tensor], list[Tensor]]:
         """One step of the stacked LSTM. emb_gates (M,G), context (M,D), h/c: Y tensors (M,H)."""
-        gates = torch.addmm(emb_gates, torch.cat([context, h[0]], dim=1), self.ctx_gates.weight.t())  # (M, G)
+        x = torch.cat([context, h[0]], dim=1)  # (M, D+H)
+        if tapes is None:
+            gates = torch.addmm(emb_gates, x, self.ctx_gates.weight.t())  # (M, G)
+        else:
+            gates = _Tapes.linear(tapes.ctx_gates, x, emb_gates)  # (M, G)
         h0, c0 = self._cell(gates, c[0])
         new_h, new_c = [h0], [c0]
         for layer, lin in enumerate(self.upper, start=1):
             below = F.dropout(new_h[-1], self.dropout, self.training)  # (M, H)
-            gates = lin(torch.cat([below, h[layer]], dim=1))  # (M, G)
+            x = torch.cat([below, h[layer]], dim=1)  # (M, 2H)
+            gates = lin(x) if tapes is None else _Tapes.linear(tapes.upper[layer - 1], x, lin.bias)  # (M, G)
             hl, cl = self._cell(gates, c[layer])
             new_h.append(hl)
             new_c.append(cl)
@@ -395,16 +539,22 @@ class AttentionDecoder(nn.Module):
         steps_sorted = steps[order].tolist()
         feats, enc_proj, h0, c0 = self.prepare(feats[order])  # (B,P,D), (B,P,A), (Y,B,H)
         emb = self.embedding(captions[order, :-1])  # (B, T-1, E)
-        emb_gates = self.emb_gates(emb)  # (B, T-1, G)
+        emb_gates = self.emb_gates(emb).unbind(1)  # T-1 x (B, G): one backward op, not T-1 slices
+        tapes = _Tapes(self, feats, enc_proj) if self.use_tapes and torch.is_grad_enabled() else None
         h, c = list(h0), list(c0)
         outs, att = [], []
         for t in range(steps_sorted[0] if B else 0):
             # Captions are sorted by length, so the ones still running are a prefix of the batch.
             b = sum(1 for s in steps_sorted if s > t)
-            h = [x[:b] for x in h]
-            c = [x[:b] for x in c]
-            context, alpha = self.attend(feats[:b], enc_proj[:b], h[-1].unsqueeze(1))  # (b,1,D), (b,1,P)
-            h, c = self.lstm(emb_gates[:b, t], context.squeeze(1), h, c)
+            if b < h[0].size(0):
+                h = [x[:b] for x in h]
+                c = [x[:b] for x in c]
+            if tapes is None:
+                context, alpha = self.attend(feats[:b], enc_proj[:b], h[-1].unsqueeze(1))  # (b,1,D), (b,1,P)
+            else:
+                context, alpha = self._attend_taped(tapes, b, h[-1])  # (b,1,D), (b,1,P)
+            e = emb_gates[t]
+            h, c = self.lstm(e if b == B else e[:b], context.squeeze(1), h, c, tapes)
             outs.append(h[-1])
             att.append(alpha.squeeze(1))
         return self._scatter_outputs(outs, att, order, feats, T)

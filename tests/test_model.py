@@ -274,6 +274,24 @@ def test_loss_falls_on_one_repeated_batch():
     assert losses[-1] < 0.3 * losses[0]
 
 
+@pytest.mark.parametrize("kw", [{}, {"encoder_proj_dim": 12, "num_layers": 3}])
+def test_gradient_tapes_give_the_plain_autograd_gradients(kw, monkeypatch):
+    model = features_model(**kw).double()
+    feats = random_feats(4).double().requires_grad_()  # as when the encoder is fine-tuned
+    captions, lengths = batch()
+    grads = []
+    for tapes in (True, False):
+        monkeypatch.setattr(M.AttentionDecoder, "use_tapes", tapes)
+        model.zero_grad()
+        feats.grad = None
+        logits, alphas = model(feats, captions, lengths)
+        M.caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)[0].backward()
+        grads.append({**{n: p.grad.clone() for n, p in model.named_parameters()}, "feats": feats.grad.clone()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_encoder_proj_dim_adds_a_channel_projection():
     model = features_model(encoder_proj_dim=12)
     assert model.decoder.feat_proj.weight.shape == (12, 32)
