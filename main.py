@@ -137,6 +137,9 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
                    help="also keep weights_dir/epoch_NNN.pt every N epochs; 0 = off [0]")
     g.add_argument("--keep_last", type=int, default=None,
                    help="epoch_NNN.pt files to keep; 0 = all [0]")
+    g.add_argument("--group_by_image", action=argparse.BooleanOptionalAction, default=None,
+                   help="end to end: batch an image's captions together so the CNN runs once per "
+                        "image, not once per caption [on]")
     g.add_argument("--features_dir", default=None, metavar="DIR",
                    help="train/eval: a folder with features.npy (N x P x C) + names.json to train on "
                         "(no CNN); extract mode: where to write them")

@@ -89,6 +89,7 @@ class TrainConfig:
     tensorboard: bool = False           # also write TensorBoard scalars and captions
     save_every: int = 0                 # also keep epoch_NNN.pt every N epochs; 0: off
     keep_last: int = 0                  # epoch_NNN.pt files kept; 0: all
+    group_by_image: bool = True         # end to end: an image's captions share a batch and a CNN pass
     weights_dir: str = "weights"        # checkpoints, vocab.json, history.json, runs/
     graphs_dir: str = "graphs"          # loss.png, bleu.png
     features_dir: str | None = None     # train on features.npy + names.json from this folder
@@ -234,22 +235,82 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(cuda_states)
 
 
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (also for one process) that can skip the batches already trained.
+class ResumableSampler(torch.utils.data.Sampler):
+    """The distributed sampler of training (also for one process), resumable mid-epoch.
 
-    The order depends only on (seed, epoch), so a run resumed mid-epoch sees the same
-    remaining batches as the run that was interrupted.
+    The order depends only on (seed, epoch), so a run resumed mid-epoch sees the same remaining
+    batches as the interrupted one (`skip` drops the samples already trained). `groups` (item
+    indices that belong together, e.g. one image's captions) are shuffled as units and stay
+    next to each other, so that a batch holds few images and the CNN runs once for each.
+    Every rank gets a contiguous, equally long share (padded by wrapping around, as
+    torch's DistributedSampler does), so all ranks take the same number of steps.
     """
 
-    def __init__(self, dataset, *, num_replicas: int, rank: int, shuffle: bool, seed: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+    def __init__(self, num_items: int, *, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0, groups: list[list[int]] | None = None):
+        self.num_items, self.num_replicas, self.rank = num_items, num_replicas, rank
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.groups = groups
         self.skip = 0  # samples of this epoch already trained (a multiple of the batch size)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _per_rank(self) -> int:
+        return math.ceil(self.num_items / self.num_replicas)
+
+    def _order(self) -> list[int]:
+        units = self.groups if self.groups is not None else [[i] for i in range(self.num_items)]
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            perm = torch.randperm(len(units), generator=g).tolist()
+        else:
+            perm = range(len(units))
+        order = [i for u in perm for i in units[u]]
+        size = self._per_rank()
+        while len(order) < size * self.num_replicas:
+            order += order[: size * self.num_replicas - len(order)]
+        return order[self.rank * size:(self.rank + 1) * size]
+
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
+        return iter(self._order()[self.skip:])
 
     def __len__(self) -> int:
-        return max(0, super().__len__() - self.skip)
+        return max(0, self._per_rank() - self.skip)
+
+
+def image_groups(dataset) -> list[list[int]]:
+    """Item indices of a CaptionDataset grouped by image (its items are (image, caption) pairs)."""
+    groups: dict[int, list[int]] = {}
+    for k, (image, _) in enumerate(dataset.items):
+        groups.setdefault(image, []).append(k)
+    return list(groups.values())
+
+
+class TrainStep(nn.Module):
+    """What DataParallel/DDP wrap in training: encoder (once per distinct image) + decoder.
+
+    inputs: images (B, 3, H, W) or features (B, P, C). With images, captions of the same image
+    (same `image_idx`) share one encoder pass: end-to-end training costs one CNN pass per image,
+    not per caption.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                image_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if inputs.dim() == 4 and image_idx is not None:
+            unique, inverse = torch.unique(image_idx, return_inverse=True)  # (U,), (B,)
+            positions = torch.arange(inverse.numel(), device=inverse.device)  # (B,)
+            first = inverse.new_full((unique.numel(),), inverse.numel()).scatter_reduce(
+                0, inverse, positions, reduce="amin")  # (U,) first caption of each image
+            feats = self.model.encode(inputs[first])[inverse]  # (B, P, C)
+        else:
+            feats = _features(self.model, inputs)  # (B, P, C)
+        return self.model.decoder(feats, captions, lengths)  # (B, T-1, V), (B, T-1, P)
 
 
 # ---------------------------------------------------------------- stop signals
@@ -336,13 +397,13 @@ def token_accuracy(logits: torch.Tensor, captions: torch.Tensor, lengths: torch.
     return int(correct.sum()), int(mask.sum())
 
 
-def compute_loss(net: nn.Module, inputs, captions, lengths, alpha_c: float):
+def compute_loss(net: nn.Module, inputs, captions, lengths, alpha_c: float, image_idx=None):
     """Forward + the design card's loss: cross-entropy without padding + attention regulariser.
 
-    `net` is a CaptionModel (inputs: images or, without an encoder, features) or, when training
-    on cached features, its decoder (inputs: features), possibly wrapped by DataParallel/DDP.
+    `net` is a TrainStep (possibly wrapped by DataParallel/DDP) or a decoder (inputs: features).
     """
-    logits, alphas = net(inputs, captions, lengths)  # (B, T-1, V), (B, T-1, P)
+    args = (inputs, captions, lengths) if image_idx is None else (inputs, captions, lengths, image_idx)
+    logits, alphas = net(*args)  # (B, T-1, V), (B, T-1, P)
     loss, ce = model_lib.caption_loss(logits, captions, lengths, alphas, alpha_c)
     return loss, ce, logits
 
@@ -374,7 +435,8 @@ def train_one_epoch(loader, model: nn.Module, optimizer, scaler, epoch: int, dev
         totals.skipped_images += int(getattr(batch, "n_skipped", 0) or 0)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp_dtype):
-            loss, ce, logits = compute_loss(model, inputs, captions, lengths, alpha_c)
+            loss, ce, logits = compute_loss(model, inputs, captions, lengths, alpha_c,
+                                            batch.image_idx.to(device, non_blocking=True))
         # Under DDP every rank must agree whether to step, or their weights drift apart.
         finite = not _any_rank(not bool(torch.isfinite(loss.detach())), device, d)
         totals.steps += 1
@@ -870,8 +932,10 @@ def _run_training(data_cfg, model_cfg, cfg: TrainConfig, d: Dist) -> int:
     val_images = data_utils.ImageDataset(val_records, **inputs)
 
     workers = data_cfg.num_workers
-    sampler = ResumableSampler(train_set, num_replicas=d.world_size, rank=d.rank, shuffle=True,
-                               seed=cfg.seed)
+    # End to end, an image's captions share a batch and one CNN pass (see TrainStep).
+    groups = image_groups(train_set) if store is None and cfg.group_by_image else None
+    sampler = ResumableSampler(len(train_set), num_replicas=d.world_size, rank=d.rank, shuffle=True,
+                               seed=cfg.seed, groups=groups)
     # A seeded loader generator: creating an epoch's iterator must not consume the global RNG,
     # or a run resumed mid-epoch would draw other dropout masks than the uninterrupted one.
     train_loader = data_utils.make_loader(train_set, cfg.batch_size, num_workers=workers,
@@ -901,8 +965,7 @@ def _run_training(data_cfg, model_cfg, cfg: TrainConfig, d: Dist) -> int:
                     start_epoch + 1 if start_step else start_epoch,
                     f" step {start_step}" if start_step else " done", early["best"])
 
-    # On cached features only the decoder runs in training (the encoder already did its work).
-    net: nn.Module = model.decoder if store is not None else model
+    net: nn.Module = TrainStep(model)
     if d.enabled:
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)

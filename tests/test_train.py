@@ -421,15 +421,40 @@ def test_help_defaults_match_train_config():
     assert checked >= 20
 
 
-def test_sampler_skips_trained_batches_and_shards_ranks():
-    data = list(range(10))
-    full = list(train.ResumableSampler(data, num_replicas=1, rank=0, shuffle=True, seed=3))
-    s = train.ResumableSampler(data, num_replicas=1, rank=0, shuffle=True, seed=3)
+def test_sampler_skips_trained_batches_shards_ranks_and_keeps_groups_together():
+    full = list(train.ResumableSampler(10, shuffle=True, seed=3))
+    assert sorted(full) == list(range(10)) and full != list(range(10))
+    s = train.ResumableSampler(10, shuffle=True, seed=3)
     s.skip = 4
     assert list(s) == full[4:] and len(s) == 6
-    shards = [list(train.ResumableSampler(data, num_replicas=2, rank=r, shuffle=True, seed=3))
-              for r in range(2)]
-    assert sorted(shards[0] + shards[1]) == sorted(full)
+    s.set_epoch(1)
+    assert list(s) != full[4:]
+    shards = [list(train.ResumableSampler(9, num_replicas=2, rank=r, seed=3)) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 5 and set(shards[0] + shards[1]) == set(range(9))
+    groups = [[0, 1, 2], [3, 4], [5, 6, 7], [8, 9]]
+    order = list(train.ResumableSampler(10, seed=3, groups=groups))
+    starts = [order.index(g[0]) for g in groups]
+    for g, at in zip(groups, starts):
+        assert order[at:at + len(g)] == g
+
+
+def test_train_step_runs_the_encoder_once_per_distinct_image():
+    cfg = model_lib.ModelConfig(vocab_size=9, encoder="resnet18", pretrained=False, image_size=32,
+                                encoded_size=2, embed_dim=8, attention_dim=8, decoder_dim=8, dropout=0.0)
+    torch.manual_seed(0)
+    model = model_lib.build_model(cfg).eval()
+    images = torch.randn(3, 3, 32, 32)
+    idx = torch.tensor([5, 7, 5, 9, 7])
+    batch = images[[0, 1, 0, 2, 1]]  # (5, 3, 32, 32): captions of images 5, 7, 5, 9, 7
+    captions = torch.randint(4, 9, (5, 6))
+    lengths = torch.tensor([6, 5, 4, 6, 3])
+    seen = []
+    hook = model.encoder.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    logits, alphas = train.TrainStep(model)(batch, captions, lengths, idx)
+    hook.remove()
+    assert seen == [3]
+    expected, _ = model(batch, captions, lengths)
+    torch.testing.assert_close(logits, expected)
 
 
 def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
