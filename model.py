@@ -464,11 +464,31 @@ class AttentionDecoder(nn.Module):
         """
         A = self.cfg.attention_dim
         att_q, gate = self.query(h_top).split([A, feats.size(-1)], dim=-1)  # (N,K,A), (N,K,D)
-        hidden = torch.relu(enc_proj.unsqueeze(1) + att_q.unsqueeze(2))  # (N, K, P, A)
-        scores = self.full_att(hidden).squeeze(-1)  # (N, K, P)
+        if torch.is_grad_enabled():
+            hidden = torch.relu(enc_proj.unsqueeze(1) + att_q.unsqueeze(2))  # (N, K, P, A)
+            scores = self.full_att(hidden).squeeze(-1)  # (N, K, P)
+        else:
+            scores = self._energies_chunked(enc_proj, att_q)  # (N, K, P)
         alpha = torch.softmax(scores, dim=-1)  # (N, K, P)
         context = torch.bmm(alpha, feats) * torch.sigmoid(gate)  # (N, K, D)
         return context, alpha
+
+    # Elements of relu(enc_proj + q) per chunk when decoding. The (N, K, P, A) tensor of 100 images
+    # x 5 beams is 200 MB, so each of its passes runs at memory speed; chunks of ~4 MB stay in the
+    # cache (bench/bench_decoder.py: beam_images_per_s).
+    energy_chunk = 1 << 20
+
+    def _energies_chunked(self, enc_proj: Tensor, att_q: Tensor) -> Tensor:
+        """w . relu(enc_proj + q) without grad, a few images at a time. (N,P,A), (N,K,A) -> (N,K,P)."""
+        N, P, A = enc_proj.shape
+        K = att_q.size(1)
+        w = self.full_att.weight.view(-1)  # (A,)
+        per_chunk = max(1, self.energy_chunk // (K * P * A))
+        out = []
+        for i in range(0, N, per_chunk):
+            hidden = torch.relu_(enc_proj[i:i + per_chunk].unsqueeze(1) + att_q[i:i + per_chunk].unsqueeze(2))  # (n,K,P,A)
+            out.append(hidden @ w)  # (n, K, P)
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def _attend_taped(self, tapes: _Tapes, b: int, h_top: Tensor) -> tuple[Tensor, Tensor]:
         """attend() on the first b images of the pass, gradients through the tapes. h_top (b,H)."""
@@ -538,14 +558,20 @@ class AttentionDecoder(nn.Module):
         order = torch.argsort(steps, descending=True, stable=True)  # (B,)
         steps_sorted = steps[order].tolist()
         feats, enc_proj, h0, c0 = self.prepare(feats[order])  # (B,P,D), (B,P,A), (Y,B,H)
-        emb = self.embedding(captions[order, :-1])  # (B, T-1, E)
-        emb_gates = self.emb_gates(emb).unbind(1)  # T-1 x (B, G): one backward op, not T-1 slices
+        # Captions are sorted by length, so the ones still running at step t are a prefix of b_t rows.
+        sizes = [sum(1 for s in steps_sorted if s > t) for t in range(steps_sorted[0] if B else 0)]
+        if sizes:
+            # The input words of real steps only, step-major (as a PackedSequence): the embedding's
+            # share of the first layer's gates is one product, and its per-step parts are views.
+            dev = captions.device
+            row = torch.cat([torch.arange(b, device=dev) for b in sizes])  # (R,)
+            col = torch.repeat_interleave(torch.arange(len(sizes), device=dev), torch.tensor(sizes, device=dev))
+            words = captions[order[row], col]  # (R,)
+            emb_gates = self.emb_gates(self.embedding(words)).split(sizes)  # per step (b_t, G)
         tapes = _Tapes(self, feats, enc_proj) if self.use_tapes and torch.is_grad_enabled() else None
         h, c = list(h0), list(c0)
         outs, att = [], []
-        for t in range(steps_sorted[0] if B else 0):
-            # Captions are sorted by length, so the ones still running are a prefix of the batch.
-            b = sum(1 for s in steps_sorted if s > t)
+        for t, b in enumerate(sizes):
             if b < h[0].size(0):
                 h = [x[:b] for x in h]
                 c = [x[:b] for x in c]
@@ -553,8 +579,7 @@ class AttentionDecoder(nn.Module):
                 context, alpha = self.attend(feats[:b], enc_proj[:b], h[-1].unsqueeze(1))  # (b,1,D), (b,1,P)
             else:
                 context, alpha = self._attend_taped(tapes, b, h[-1])  # (b,1,D), (b,1,P)
-            e = emb_gates[t]
-            h, c = self.lstm(e if b == B else e[:b], context.squeeze(1), h, c, tapes)
+            h, c = self.lstm(emb_gates[t], context.squeeze(1), h, c, tapes)
             outs.append(h[-1])
             att.append(alpha.squeeze(1))
         return self._scatter_outputs(outs, att, order, feats, T)

@@ -153,6 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--beam_size", type=int, default=5)
     p.add_argument("--max_len", type=int, default=20, help="decoding cap for both beam runs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--encoder_proj_dim", type=int, default=0,
+                   help="time the model with this 1x1 channel projection (0: off, the reference model)")
     p.add_argument("--untaped", action="store_true",
                    help="also time the fast loop without gradient tapes (untaped_train_captions_per_s)")
     args = p.parse_args(argv)
@@ -165,10 +167,12 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     P, C = 196, 2048
-    cfg = M.ModelConfig(vocab_size=args.vocab_size, encoder="features", feature_dim=C)
+    cfg = M.ModelConfig(vocab_size=args.vocab_size, encoder="features", feature_dim=C,
+                        encoder_proj_dim=args.encoder_proj_dim)
     model = M.build_model(cfg).to(device)
     result = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "batch_size": args.batch_size, "positions": P, "channels": C, "vocab_size": args.vocab_size}
+              "batch_size": args.batch_size, "positions": P, "channels": C, "vocab_size": args.vocab_size,
+              "encoder_proj_dim": args.encoder_proj_dim}
 
     # The fast path and the textbook loop compute the same function: check it before timing.
     check = make_batches(1, 4, P, C, args.vocab_size, gen, device)[0]

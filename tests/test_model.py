@@ -17,6 +17,16 @@ import torch
 import model as M
 
 SOS, EOS, UNK = 1, 2, 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from threads, and on a busy machine a second thread that is not
+    # scheduled stalls every parallel region.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 IDS = dict(sos_id=SOS, eos_id=EOS, unk_id=UNK)
 TINY = dict(embed_dim=24, attention_dim=20, decoder_dim=28, dropout=0.0)
 
