@@ -191,6 +191,7 @@ def _load_weights_file(backbone: nn.Module, name: str, path: str) -> None:
         raise EncoderWeightsError(
             f"--encoder_weights {path} does not fit a torchvision {name}: {len(missing)} missing keys "
             f"(e.g. {missing[:3]}), {len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})")
+    log.info("encoder %s: weights from %s", name, path)
 
 
 class Encoder(nn.Module):
