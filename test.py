@@ -185,8 +185,10 @@ def attention_figure(photo, words: Sequence[str], alphas, *, title: str | None =
     `photo` is (H, W, 3) in [0, 1] (`display_image` of the model input, so the attention grid
     lines up with what the model saw) or a PIL image; `alphas` is (L, P) with P = S*S, L >= len(words)
     (a step for `<eos>` may follow the words; it is not drawn). Each panel's weights are
-    stretched to their own min..max, so the overlay reads red = where the model looked most
-    for that word, blue = least; a word whose attention is uniform is marked "(uniform)".
+    stretched to their own min..max and drawn as shade: the photo stays bright where the model
+    looked most for that word and darkens where it looked least (a colour map over the photo
+    would hide the colours the words name). A word whose attention is uniform is marked
+    "(uniform)" and left unshaded.
     """
     import matplotlib
 
@@ -229,7 +231,9 @@ def attention_figure(photo, words: Sequence[str], alphas, *, title: str | None =
     for i, word in enumerate(words):
         ax = axes.flat[i + 1]
         ax.imshow(photo)
-        ax.imshow(maps[i], cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+        shade = np.zeros((h, w, 4), dtype=np.float32)  # (H, W, RGBA): black, opacity from attention
+        shade[..., 3] = 0.0 if flat[i] else 0.8 * (1.0 - maps[i])
+        ax.imshow(shade)
         ax.set_title(f"{word} (uniform)" if flat[i] else word, fontsize=11)
     fig.suptitle(" ".join(words) or "(empty caption)", fontsize=11)
     return fig

@@ -111,8 +111,9 @@ def test_attention_figure_has_one_panel_per_word(ckpt, photos, capsys, monkeypat
     drawn = [ax for ax in fig.axes if ax.images]
     assert len(drawn) == 4 and [ax.get_title() for ax in drawn[1:]] == ["a", "red (uniform)", "wall"]
     assert all(len(ax.images) == 2 for ax in drawn[1:])  # photo + upsampled attention
-    overlay = drawn[1].images[1].get_array()  # (64, 64): peak where the 0.7 was (top left)
-    assert overlay.shape == (64, 64) and overlay[:16, :16].mean() > overlay[48:, 48:].mean() + 0.5
+    shade = drawn[1].images[1].get_array()  # (64, 64, RGBA): least shade where the 0.7 was (top left)
+    assert shade.shape == (64, 64, 4) and shade[48:, 48:, 3].mean() > shade[:16, :16, 3].mean() + 0.4
+    assert drawn[2].images[1].get_array()[..., 3].max() == 0  # uniform: nothing shaded
     with pytest.raises(ValueError, match="square"):
         captioning.attention_figure(torch.rand(8, 8, 3).numpy(), ["a"], torch.full((1, 3), 1 / 3))
 
