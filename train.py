@@ -886,8 +886,11 @@ def _run_training(data_cfg, model_cfg, cfg: TrainConfig, d: Dist) -> int:
             raise ValueError("--fine_tune_encoder needs images, but --features_dir gives fixed "
                              "features; drop one of the two")
         store = data_utils.FeatureStore.open(Path(cfg.features_dir))
+        # Fields about images mean nothing without a CNN: canonical values, so resuming compares
+        # only what matters.
         model_cfg = dataclasses.replace(model_cfg, encoder="features", feature_dim=store.channels,
-                                        encoded_size=_side(store.num_positions, model_cfg.encoded_size))
+                                        encoded_size=_side(store.num_positions, model_cfg.encoded_size),
+                                        image_size=None, pretrained=False, encoder_weights=None)
         features_info = {"dir": str(cfg.features_dir), "positions": store.num_positions,
                          "channels": store.channels}
         logger.info("training on features from %s (P=%d, C=%d): no CNN is built",
