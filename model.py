@@ -59,6 +59,10 @@ class ModelConfig:
     feature_dim: int = 2048               # C; set from the backbone, or by the caller from a features file
     encoder_proj_dim: int = 0             # 1x1 conv C -> N before attention; 0 = off
     fine_tune_encoder: bool = False       # train the encoder's last stages (frozen otherwise)
+    # None: set from pretrained/encoder_weights. True (no pretrained weights): fine-tuning trains every
+    # stage and BatchNorm uses batch statistics. Stored concretely, so a rebuild with pretrained=False
+    # (from a checkpoint) keeps the behaviour it was trained with.
+    encoder_from_scratch: bool | None = None
     embed_dim: int = 512                  # E, word embedding
     attention_dim: int = 512              # A, additive attention
     decoder_dim: int = 512                # H, LSTM hidden size of each layer
@@ -72,6 +76,8 @@ class ModelConfig:
         if self.encoder != "features":
             # The backbone decides C; storing it keeps asdict(cfg) in a checkpoint self-describing.
             object.__setattr__(self, "feature_dim", _CHANNELS[self.encoder])
+        if self.encoder_from_scratch is None:
+            object.__setattr__(self, "encoder_from_scratch", not (self.pretrained or self.encoder_weights))
         if self.encoder == "features" and self.fine_tune_encoder:
             raise ValueError("--fine_tune_encoder needs an image encoder, but the model reads cached features")
         for name in ("vocab_size", "encoded_size", "feature_dim", "embed_dim", "attention_dim",
@@ -215,13 +221,16 @@ class Encoder(nn.Module):
             tune_from = "layer2"  # the last three stages, as in the reference tutorial
         self.name = name
         self.body = nn.Sequential(*(getattr(backbone, n) for n in names))
-        self._tune_from = names.index(tune_from)
+        # Pretrained: the stem's generic filters stay. From scratch: there is nothing to keep.
+        self.from_scratch = bool(cfg.encoder_from_scratch)
+        self._tune_from = 0 if self.from_scratch else names.index(tune_from)
         self.pool = nn.AdaptiveAvgPool2d(cfg.encoded_size)
         self.channels = _CHANNELS[name]
         self.fine_tune(cfg.fine_tune_encoder)
 
     def fine_tune(self, enabled: bool) -> None:
-        """Frozen: nothing trains. Enabled: the last stages train, the stem stays frozen."""
+        """Frozen: nothing trains. Enabled: the last stages train (every stage when from scratch)."""
+        self.tuning = enabled
         for i, stage in enumerate(self.body):
             for p in stage.parameters():
                 p.requires_grad_(enabled and i >= self._tune_from)
@@ -232,8 +241,11 @@ class Encoder(nn.Module):
 
     def train(self, mode: bool = True) -> "Encoder":
         # BatchNorm keeps the ImageNet statistics even when fine-tuning: caption batches (as small
-        # as 4 end to end) give noisy batch statistics, and a frozen encoder must not drift.
+        # as 4 end to end) give noisy batch statistics, and a frozen encoder must not drift. Only
+        # an encoder trained from scratch has no statistics worth keeping.
         super().train(mode)
+        if self.from_scratch and getattr(self, "tuning", False):
+            return self
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()

@@ -88,8 +88,8 @@ def test_flags_match_config_fields_and_help_states_the_real_defaults():
     actions = {a.dest: a for a in parser._actions}
     for cls in (M.ModelConfig, M.DecodeConfig):
         for f in dataclasses.fields(cls):
-            if f.name in ("vocab_size", "feature_dim"):
-                continue  # set by the caller from the vocabulary / features file
+            if f.name in ("vocab_size", "feature_dim", "encoder_from_scratch"):
+                continue  # set by the caller (vocabulary, features file) or derived
             assert f.name in actions, f"no --{f.name} flag"
             shown = re.search(r"\[([^\]]+)\]", actions[f.name].help or "")
             if f.default is None or shown is None:
@@ -166,10 +166,12 @@ def test_frozen_encoder_gets_no_gradient_and_keeps_batchnorm_statistics():
     assert torch.equal(model.encoder.body[1].running_mean, bn_before)
 
 
-def test_fine_tuned_encoder_trains_its_last_stages_end_to_end_at_batch_4():
+def test_fine_tuned_pretrained_encoder_trains_its_last_stages_end_to_end_at_batch_4():
     torch.manual_seed(0)
-    cfg = M.ModelConfig(vocab_size=30, encoder="resnet18", pretrained=False, encoded_size=2,
-                        fine_tune_encoder=True, **TINY)
+    # As a pretrained encoder (weights not needed for what trains) and as rebuilt from its checkpoint.
+    cfg = M.ModelConfig(vocab_size=30, encoder="resnet18", pretrained=False, encoder_from_scratch=False,
+                        encoded_size=2, fine_tune_encoder=True, **TINY)
+    assert dataclasses.replace(cfg, pretrained=False).encoder_from_scratch is False
     model = M.build_model(cfg).train()
     trainable = {id(p) for p in model.encoder.trainable_parameters()}
     stem = list(model.encoder.body[0].parameters())
@@ -180,6 +182,23 @@ def test_fine_tuned_encoder_trains_its_last_stages_end_to_end_at_batch_4():
     M.caption_loss(logits, captions, lengths, alphas, 1.0)[0].backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in last)
     assert all(p.grad is None for p in stem)
+    assert not model.encoder.body[1].training  # ImageNet statistics kept
+
+
+def test_encoder_trained_from_scratch_trains_every_stage_with_batch_statistics():
+    torch.manual_seed(0)
+    cfg = M.ModelConfig(vocab_size=30, encoder="resnet18", pretrained=False, encoded_size=2,
+                        fine_tune_encoder=True, **TINY)
+    assert cfg.encoder_from_scratch is True
+    model = M.build_model(cfg).train()
+    assert all(p.requires_grad for p in model.encoder.parameters())
+    bn = model.encoder.body[1]
+    before = bn.running_mean.clone()
+    model(torch.randn(4, 3, 64, 64) + 3.0, *batch(B=4, T=5, V=30))
+    assert bn.training and not torch.equal(bn.running_mean, before)
+    model.eval()
+    assert not bn.training
+    assert M.ModelConfig(vocab_size=30, encoder="resnet18").encoder_from_scratch is False
 
 
 # -- weights --------------------------------------------------------------------------------------
