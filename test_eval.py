@@ -264,6 +264,7 @@ def score_captions(references: dict[str, list[str]], hypotheses: dict[str, str],
     auto = use_java is None
     if auto:
         use_java = java_available()
+    java_problem = "Java was not found" if auto else "Java was turned off (--no-java)"
     # One tokenizer run for both sides (each Java run starts a JVM): the hypothesis goes last.
     grouped = {k: [*references[k], hypotheses[k]] for k in names}
     try:
@@ -272,7 +273,7 @@ def score_captions(references: dict[str, list[str]], hypotheses: dict[str, str],
         if not auto:
             raise ValueError(f"{exc}; rerun with --no-java to use the Python tokenisation rule") from None
         logger.warning("%s; using the Python tokenisation rule and no METEOR instead", exc)
-        use_java = False
+        use_java, java_problem = False, "the Java tokenizer failed"
         both, tokenizer = tokenize_captions(grouped, use_java)
     gts = {k: v[:-1] for k, v in both.items()}
     res = {k: [v[-1]] for k, v in both.items()}
@@ -293,7 +294,7 @@ def score_captions(references: dict[str, list[str]], hypotheses: dict[str, str],
         for k, s in zip(names, m_per):
             per[k]["METEOR"] = s
     else:
-        meteor_note = "METEOR unavailable: it needs Java (not found)" if not use_java else "METEOR skipped"
+        meteor_note = f"METEOR unavailable: it needs Java and {java_problem}" if not use_java else "METEOR skipped"
         metrics["METEOR"] = None
         for k in names:
             per[k]["METEOR"] = None

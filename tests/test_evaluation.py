@@ -70,6 +70,15 @@ def test_hand_computed_bleu_pools_counts_over_images_and_groups_references_per_i
     assert swapped["BLEU-1"] < 0.5 * got["BLEU-1"]
 
 
+def test_without_java_the_fallback_is_named_and_meteor_reported_unavailable(monkeypatch):
+    monkeypatch.setattr(test_eval, "java_available", lambda: False)
+    scores = test_eval.score_captions({"cat": CAT_REFS}, {"cat": CAT_HYP})  # auto-detect
+    assert scores.tokenizer == test_eval.FALLBACK_TOKENIZER
+    assert scores.metrics["METEOR"] is None and scores.meteor_note.endswith("Java was not found")
+    assert all(s["METEOR"] is None for s in scores.per_image.values())
+    assert scores.metrics["BLEU-4"] == pytest.approx(CAT_BLEU[3], rel=1e-6)
+
+
 def test_scoring_refuses_images_without_references():
     with pytest.raises(ValueError, match="no reference captions"):
         test_eval.score_captions({"cat": CAT_REFS}, {"cat": CAT_HYP, "dogs": DOG_HYP}, use_java=False)
