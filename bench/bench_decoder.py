@@ -2,6 +2,8 @@
 
     python bench/bench_decoder.py --json          # one JSON object on stdout (about 2-3 minutes on 2 cores)
     python bench/bench_decoder.py --quick --json  # smaller run, for a smoke test
+    python bench/bench_decoder.py --json --threads 1   # on a machine others are using: a second OpenMP
+                                                      # thread that is not scheduled stalls every small op
 
 All figures come from one run on the same machine (CPU unless --device says otherwise):
 - train_captions_per_s: forward + loss + backward + AdamW at batch 32, 196 x 2048 features,
