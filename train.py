@@ -578,9 +578,10 @@ def extract_features(model: nn.Module, records: list, model_cfg, out_dir: Path, 
     model = unwrap(model)
     model.eval()
     transform = model_lib.image_transform(model_cfg, train=False)
+    # Seeded: extracting (a cache miss) must leave the global RNG as a cache hit does.
     loader = data_utils.make_loader(data_utils.ImageDataset(records, transform=transform), batch_size,
                                     shuffle=False, num_workers=num_workers,
-                                    collate=data_utils.collate_images)
+                                    collate=data_utils.collate_images, seed=0)
     positions, channels = model_cfg.num_positions, model_cfg.feature_dim
     unreadable: list[str] = []
 
@@ -890,13 +891,19 @@ def _run_training(data_cfg, model_cfg, cfg: TrainConfig, d: Dist) -> int:
         # only what matters.
         model_cfg = dataclasses.replace(model_cfg, encoder="features", feature_dim=store.channels,
                                         encoded_size=_side(store.num_positions, model_cfg.encoded_size),
-                                        image_size=None, pretrained=False, encoder_weights=None)
+                                        image_size=None, pretrained=False, encoder_weights=None,
+                                        **_if_field(model_cfg, encoder_from_scratch=False))
         features_info = {"dir": str(cfg.features_dir), "positions": store.num_positions,
                          "channels": store.channels}
         logger.info("training on features from %s (P=%d, C=%d): no CNN is built",
                     cfg.features_dir, store.num_positions, store.channels)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=len(vocab))
     if ckpt is not None:
+        # How the encoder was initialised is the checkpoint's business (its weights replace any
+        # initialisation): take those fields from it, compare the rest.
+        saved = ckpt["model_config"]
+        init_fields = [f for f in ckpt_lib.INIT_ONLY_FIELDS + ("encoder_from_scratch",) if f in saved]
+        model_cfg = dataclasses.replace(model_cfg, **_if_field(model_cfg, **{f: saved[f] for f in init_fields}))
         ckpt_lib.check_model_config(ckpt, model_cfg, resume_path)
         # The saved weights replace any initialisation: do not fetch ImageNet weights again.
         model = model_lib.build_model(dataclasses.replace(model_cfg, pretrained=False,
@@ -939,12 +946,13 @@ def _run_training(data_cfg, model_cfg, cfg: TrainConfig, d: Dist) -> int:
     groups = image_groups(train_set) if store is None and cfg.group_by_image else None
     sampler = ResumableSampler(len(train_set), num_replicas=d.world_size, rank=d.rank, shuffle=True,
                                seed=cfg.seed, groups=groups)
-    # A seeded loader generator: creating an epoch's iterator must not consume the global RNG,
+    # Seeded loader generators: creating an epoch's iterators must not consume the global RNG,
     # or a run resumed mid-epoch would draw other dropout masks than the uninterrupted one.
     train_loader = data_utils.make_loader(train_set, cfg.batch_size, num_workers=workers,
                                           sampler=sampler, seed=cfg.seed + d.rank)
-    val_loader = data_utils.make_loader(val_set, cfg.batch_size, num_workers=workers)
-    val_image_loader = data_utils.make_loader(val_images, cfg.batch_size, num_workers=workers)
+    val_loader = data_utils.make_loader(val_set, cfg.batch_size, num_workers=workers, seed=cfg.seed)
+    val_image_loader = data_utils.make_loader(val_images, cfg.batch_size, num_workers=workers,
+                                              seed=cfg.seed)
 
     optimizer = make_optimizer(model, model_cfg, cfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -1077,6 +1085,12 @@ def _run_training(data_cfg, model_cfg, cfg: TrainConfig, d: Dist) -> int:
         if is_demo(data_cfg) and splits.test and best_path.exists():
             _caption_demo_image(splits.test[0].path, best_path, device)
     return status
+
+
+def _if_field(cfg, **values) -> dict:
+    """The values whose names are fields of the dataclass `cfg` (fields other modules may add)."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    return {k: v for k, v in values.items() if k in names}
 
 
 def _side(positions: int, default: int) -> int:

@@ -116,6 +116,29 @@ def test_two_epochs_write_checkpoints_graphs_history_and_tensorboard(dataset, fe
     assert any("val/samples" in t for t in acc.Tags()["tensors"])
 
 
+def test_demo_ends_by_captioning_a_held_out_image(dataset, features_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.run_training(*configs(dataset, out, features_root)) == 0
+    image = dataset / "Images" / "im023.jpg"
+    train._caption_demo_image(image, out / "weights" / "best.pt", torch.device("cpu"))
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{image}: ") and len(line) > len(f"{image}: ")
+
+
+def test_wandb_failure_is_one_warning_and_training_goes_on(monkeypatch, caplog):
+    import wandb
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("network unreachable\nmore detail")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    cfg = train.TrainConfig(wandb="offline")
+    assert train.start_wandb(cfg, {}) is None
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "network unreachable" in warnings[0].getMessage()
+    assert train.start_wandb(train.TrainConfig(wandb="disabled"), {}) is None
+
+
 def test_fine_tune_end_to_end_with_batch_4_uses_encoder_lr(dataset, tmp_path):
     # 4 training images x 2 captions: 2 steps through the CNN.
     data_cfg, model_cfg, cfg = configs(dataset, tmp_path, model={"fine_tune_encoder": True},
