@@ -11,7 +11,8 @@ the real validation does. Prints JSON.
     python bench/bench_epoch.py --images 600 --max_steps 10   # quick look, extrapolated
 
 `--max_steps` times that many steps and extrapolates to the full epoch. Peak memory is
-reported to show it does not grow with the features file (it is memory-mapped).
+reported to show it does not grow with the features file (it is memory-mapped): compare
+`rssanon_mb` across `--images` sizes; `rssfile_mb` is mapped file pages, reclaimable page cache.
 """
 from __future__ import annotations
 
@@ -66,6 +67,20 @@ def write_synthetic_features(directory: Path, names: list[str], positions: int, 
 
 def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_split_mb() -> dict:
+    """Resident memory now, split into anonymous (the process's own) and file-backed pages
+    (the memory-mapped features: page cache the kernel can drop at any time). Linux only."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile"):
+                out[f"{key.lower()}_mb"] = round(int(value.split()[0]) / 1024)
+    except OSError:
+        pass
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             "write_features_seconds": round(write_s, 1),
             "peak_rss_mb_after_writing": round(rss_after_write, 0),
             "peak_rss_mb": round(max_rss_mb(), 0),
+            **rss_split_mb(),
             "final_loss": round(totals.summary()["loss"], 3),
         }
         print(json.dumps(result, indent=2))
