@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -24,7 +23,7 @@ import signal
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -687,6 +686,19 @@ def epoch_line(row: dict, epochs: int) -> str:
             f"lr {row['lr']:.2e} time {row['seconds']:.1f}s {row['captions_per_s']:.0f} captions/s")
 
 
+def save_epoch_files(snapshot: dict, history: list[dict], cfg: TrainConfig, *, improved: bool) -> None:
+    """last.pt (always), best.pt (on a new best), epoch_NNN.pt (--save_every), history, graphs."""
+    weights_dir, epoch = Path(cfg.weights_dir), snapshot["epoch"]
+    ckpt_lib.save_checkpoint(weights_dir / "last.pt", snapshot)
+    if improved:
+        ckpt_lib.save_checkpoint(weights_dir / "best.pt", snapshot)
+    if cfg.save_every and epoch % cfg.save_every == 0:
+        ckpt_lib.save_checkpoint(weights_dir / f"epoch_{epoch:03d}.pt", snapshot)
+        prune_periodic(weights_dir, cfg.keep_last)
+    write_json_atomic(weights_dir / "history.json", history)
+    plot_history(history, Path(cfg.graphs_dir))
+
+
 def resolve_resume(resume: str | None, weights_dir: Path) -> Path | None:
     if resume is None:
         return None
@@ -856,11 +868,13 @@ def _run_training(data_cfg, model_cfg, cfg: TrainConfig, d: Dist) -> int:
     if not d.is_main:
         # One voice: ranks > 0 only report problems.
         logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
-    weights_dir, graphs_dir = Path(cfg.weights_dir), Path(cfg.graphs_dir)
+    weights_dir = Path(cfg.weights_dir)
     if is_demo(data_cfg):
-        logger.info("demo preset: a small %s encoder trained from random weights (no ImageNet "
-                    "download), %s px images, fine-tuned end to end; flags you pass override it",
-                    model_cfg.encoder, model_cfg.image_size)
+        logger.info("demo data set with the demo preset: a small %s encoder %s, %s px images, %s; "
+                    "flags you pass override the preset", model_cfg.encoder,
+                    "trained from random weights (no ImageNet download)" if not model_cfg.pretrained
+                    else "from ImageNet weights", model_cfg.image_size or "native",
+                    "trained end to end" if model_cfg.fine_tune_encoder else "frozen")
     resume_path = resolve_resume(cfg.resume, weights_dir)
     ckpt = ckpt_lib.load_checkpoint(resume_path) if resume_path else None
     # The same seed on every rank: models (and feature-cache keys) start identical everywhere.
@@ -898,19 +912,7 @@ def _run_training(data_cfg, model_cfg, cfg: TrainConfig, d: Dist) -> int:
         logger.info("training on features from %s (P=%d, C=%d): no CNN is built",
                     cfg.features_dir, store.num_positions, store.channels)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=len(vocab))
-    if ckpt is not None:
-        # How the encoder was initialised is the checkpoint's business (its weights replace any
-        # initialisation): take those fields from it, compare the rest.
-        saved = ckpt["model_config"]
-        init_fields = [f for f in ckpt_lib.INIT_ONLY_FIELDS + ("encoder_from_scratch",) if f in saved]
-        model_cfg = dataclasses.replace(model_cfg, **_if_field(model_cfg, **{f: saved[f] for f in init_fields}))
-        ckpt_lib.check_model_config(ckpt, model_cfg, resume_path)
-        # The saved weights replace any initialisation: do not fetch ImageNet weights again.
-        model = model_lib.build_model(dataclasses.replace(model_cfg, pretrained=False,
-                                                          encoder_weights=None))
-        model.load_state_dict(ckpt_lib.strip_module_prefix(ckpt["model"]))
-    else:
-        model = model_lib.build_model(model_cfg)
+    model, model_cfg = build_or_restore_model(model_cfg, ckpt, resume_path)
     model.to(device)
     if d.rank > 0:
         # Other dropout masks and augmentations per rank, once the weights are built alike.
@@ -976,17 +978,7 @@ def _run_training(data_cfg, model_cfg, cfg: TrainConfig, d: Dist) -> int:
                     start_epoch + 1 if start_step else start_epoch,
                     f" step {start_step}" if start_step else " done", early["best"])
 
-    net: nn.Module = TrainStep(model)
-    if d.enabled:
-        net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
-    elif cfg.multi_gpu:
-        n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-        if n_gpus > 1:
-            net = nn.DataParallel(net)
-            logger.info("DataParallel over %d GPUs", n_gpus)
-        else:
-            logger.warning("--multi_gpu ignored: %d GPU(s) visible", n_gpus)
+    net = wrap_for_devices(TrainStep(model), cfg, device, d)
 
     if d.is_main:
         weights_dir.mkdir(parents=True, exist_ok=True)
@@ -1059,15 +1051,7 @@ def _run_training(data_cfg, model_cfg, cfg: TrainConfig, d: Dist) -> int:
                 scheduler.step(bleu4)
                 if d.is_main:
                     logger.info(epoch_line(row, cfg.epochs))
-                    snapshot = state(epoch + 1, 0, None)
-                    ckpt_lib.save_checkpoint(weights_dir / "last.pt", snapshot)
-                    if improved:
-                        ckpt_lib.save_checkpoint(best_path, snapshot)
-                    if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
-                        ckpt_lib.save_checkpoint(weights_dir / f"epoch_{epoch + 1:03d}.pt", snapshot)
-                        prune_periodic(weights_dir, cfg.keep_last)
-                    write_json_atomic(weights_dir / "history.json", history)
-                    plot_history(history, graphs_dir)
+                    save_epoch_files(state(epoch + 1, 0, None), history, cfg, improved=improved)
                     loggers.log_epoch(row, metrics.samples)
                 if early["bad_epochs"] >= cfg.patience > 0:
                     logger.info("early stopping: no better validation BLEU-4 for %d epochs (best %.4f)",
@@ -1085,6 +1069,37 @@ def _run_training(data_cfg, model_cfg, cfg: TrainConfig, d: Dist) -> int:
         if is_demo(data_cfg) and splits.test and best_path.exists():
             _caption_demo_image(splits.test[0].path, best_path, device)
     return status
+
+
+def build_or_restore_model(model_cfg, ckpt: dict | None, path: Path | None = None):
+    """(model, model_cfg): a new model, or the checkpoint's weights in a model of the requested
+    config (ValueError naming every field where the two differ)."""
+    if ckpt is None:
+        return model_lib.build_model(model_cfg), model_cfg
+    # How the encoder was initialised is the checkpoint's business (its weights replace any
+    # initialisation): take those fields from it, compare the rest.
+    saved = ckpt["model_config"]
+    init_fields = [f for f in ckpt_lib.INIT_ONLY_FIELDS + ("encoder_from_scratch",) if f in saved]
+    model_cfg = dataclasses.replace(model_cfg, **_if_field(model_cfg, **{f: saved[f] for f in init_fields}))
+    ckpt_lib.check_model_config(ckpt, model_cfg, path or "checkpoint")
+    # No ImageNet download for weights that are about to be replaced.
+    model = model_lib.build_model(dataclasses.replace(model_cfg, pretrained=False, encoder_weights=None))
+    model.load_state_dict(ckpt_lib.strip_module_prefix(ckpt["model"]))
+    return model, model_cfg
+
+
+def wrap_for_devices(net: nn.Module, cfg: TrainConfig, device: torch.device, d: Dist) -> nn.Module:
+    """DDP under torchrun, DataParallel with --multi_gpu and several GPUs, else `net` itself."""
+    if d.enabled:
+        return nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.multi_gpu:
+        n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+        if n_gpus > 1:
+            logger.info("DataParallel over %d GPUs", n_gpus)
+            return nn.DataParallel(net)
+        logger.warning("--multi_gpu ignored: %d GPU(s) visible", n_gpus)
+    return net
 
 
 def _if_field(cfg, **values) -> dict:
