@@ -178,11 +178,20 @@ def _add_infer_args(parser: argparse.ArgumentParser) -> None:
                         "installed); --no-java uses the Python tokenisation rule, no METEOR")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a flag's default only when argparse holds it; None means the config's, already in [brackets]."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="main.py",
         description="Image captioning: ResNet encoder + two-layer attention LSTM (Show, Attend and Tell).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--mode", choices=MODES, default="train", help="what to do")
     parser.add_argument("--log_level", choices=("debug", "info", "warning", "error"), default="info",
