@@ -129,6 +129,8 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--multi_gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="nn.DataParallel over the visible GPUs (for several machines use torchrun) [off]")
     g.add_argument("--seed", type=int, default=None, help="random seed; CPU runs repeat exactly [0]")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads; on a busy machine 1 can be much faster [torch's default]")
     g.add_argument("--resume", default=None, metavar="PATH|auto",
                    help="continue training from a checkpoint; auto = <weights_dir>/last.pt")
     g.add_argument("--weights_dir", default=None, help="checkpoints and history [weights]")
