@@ -932,7 +932,8 @@ def _run_training(data_cfg, model_cfg, cfg: TrainConfig, d: Dist) -> int:
 
     if store is None and model.encoder is not None and not model_cfg.fine_tune_encoder:
         if cfg.cache_features:
-            records = splits.train + splits.val
+            # Every split, as --mode extract does: the same key, and eval can use the cache too.
+            records = splits.train + splits.val + splits.test
             store, features_info = cached_features(model, records, model_cfg, cfg, device,
                                                    amp_dtype, d, data_cfg.num_workers)
         else:
@@ -1180,13 +1181,18 @@ def run_extract(data_cfg, model_cfg, train_cfg: TrainConfig, out_dir: str | None
     model = model_lib.build_model(dataclasses.replace(model_cfg, fine_tune_encoder=False))
     model.to(device)
     key, meta = features_key(model_cfg, model.encoder, [r.name for r in records])
-    target = Path(out_dir or train_cfg.features_dir or Path(train_cfg.features_root) / key)
+    explicit = out_dir or train_cfg.features_dir
+    # Default: the cache folder training looks in (same key), so training reuses this extraction.
+    target = Path(explicit or Path(train_cfg.features_root) / key)
     if (target / "features.npy").exists():
-        raise ValueError(f"{target} already holds features.npy; choose another --features_dir or "
-                         f"delete it")
-    meta = dict(meta, model_config=_plain(model_cfg))
-    extract_features(model, records, model_cfg, target, device, batch_size=train_cfg.batch_size,
-                     num_workers=data_cfg.num_workers, amp_dtype=amp_dtype, meta=meta)
+        if explicit:
+            raise ValueError(f"{target} already holds features.npy; choose another --features_dir "
+                             f"or delete it")
+        logger.info("features already extracted in %s", target)
+    else:
+        extract_features(model, records, model_cfg, target, device,
+                         batch_size=train_cfg.batch_size, num_workers=data_cfg.num_workers,
+                         amp_dtype=amp_dtype, meta=dict(meta, model_config=_plain(model_cfg)))
     store = data_utils.FeatureStore.open(target)
     print(json.dumps({"features_dir": str(target), "images": len(store.names),
                       "positions": store.num_positions, "channels": store.channels,

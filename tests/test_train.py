@@ -394,6 +394,17 @@ def test_extract_then_train_on_features_dir_never_builds_the_cnn(dataset, tmp_pa
     assert store.get("im000.jpg").shape == (4, 512)
     assert np.load(feats / "features.npy", mmap_mode="r").dtype == np.float16
 
+    # Without --features_dir, extract writes the very cache a frozen-encoder training then reuses.
+    cache = tmp_path / "cache"
+    assert cli.main(argv[:-4] + ["--features_root", str(cache), "--batch_size", "8"]) == 0
+    extracted = Path(json.loads(capsys.readouterr().out)["features_dir"])
+    assert extracted.parent == cache
+    data_cfg, model_cfg, cfg = configs(dataset, tmp_path / "frozen", cache)
+    calls = []
+    monkeypatch.setattr(train, "extract_features", lambda *a, **k: calls.append(1))
+    assert train.run_training(data_cfg, model_cfg, cfg) == 0
+    assert calls == []
+
     def no_cnn(*args, **kwargs):
         raise AssertionError("the CNN was built")
 
