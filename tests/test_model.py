@@ -380,6 +380,29 @@ def test_a_batch_decodes_as_each_image_alone(beam_size):
         torch.testing.assert_close(alone.alphas[0], together.alphas[i], rtol=1e-4, atol=1e-5)
 
 
+def test_decoding_shortcuts_give_the_plain_step():
+    # Decoding reads the features transposed (N, D, P), takes the word gates from a (V, G) table,
+    # and computes attention energies in chunks as max(e, -q) + q: the same step as the plain one.
+    model = lively(features_model())
+    dec = model.decoder
+    feats, enc, h0, c0 = dec.prepare(random_feats(5))
+    g = torch.Generator().manual_seed(3)
+    words = torch.randint(4, 40, (5, 3), generator=g)  # (N, K)
+    h = torch.randn(h0.size(0), 5, 3, h0.size(-1), generator=g)  # (Y, N, K, H)
+    c = torch.randn(h.shape, generator=g)
+    plain = [x.detach() for x in dec.step(words, feats, enc, h, c)]  # with grad: unchunked relu(e + q)
+    with torch.inference_mode():
+        table = dec.emb_gates(dec.embedding.weight)  # (V, G)
+        old_chunk = dec.energy_chunk
+        try:
+            dec.energy_chunk = 3 * 9 * TINY["attention_dim"] * 2  # two images per chunk, the last one alone
+            fast = dec.step(words, feats.transpose(1, 2).contiguous(), enc, h, c, table, transposed=True)
+        finally:
+            dec.energy_chunk = old_chunk
+    for a, b in zip(plain, fast):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_a_wide_beam_finds_the_exhaustive_best_caption():
     # Vocabulary of 3 words + specials, at most 3 tokens: a beam of 64 keeps every hypothesis.
     model = features_model(vocab_size=7, seed=4)
