@@ -470,29 +470,21 @@ class AttentionDecoder(nn.Module):
         init = init.view(-1, 2, Y, H).permute(1, 2, 0, 3)  # (2, Y, N, H)
         return feats, enc_proj, init[0].contiguous(), init[1].contiguous()
 
-    def attend(self, feats: Tensor, enc_proj: Tensor, h_top: Tensor, transposed: bool = False
-               ) -> tuple[Tensor, Tensor]:
+    def attend(self, feats: Tensor, enc_proj: Tensor, h_top: Tensor) -> tuple[Tensor, Tensor]:
         """Gated soft attention of K queries per image.
 
-        feats (N,P,D) (or (N,D,P) when transposed), enc_proj (N,P,A), h_top (N,K,H)
-        -> context (N,K,D), alpha (N,K,P).
+        feats (N,P,D), enc_proj (N,P,A), h_top (N,K,H) -> context (N,K,D), alpha (N,K,P).
         """
         A = self.cfg.attention_dim
-        D = feats.size(1 if transposed else -1)
-        att_q, gate = self.query(h_top).split([A, D], dim=-1)  # (N,K,A), (N,K,D)
+        att_q, gate = self.query(h_top).split([A, feats.size(-1)], dim=-1)  # (N,K,A), (N,K,D)
         if torch.is_grad_enabled():
             hidden = torch.relu(enc_proj.unsqueeze(1) + att_q.unsqueeze(2))  # (N, K, P, A)
             scores = self.full_att(hidden).squeeze(-1)  # (N, K, P)
         else:
             scores = self._energies_chunked(enc_proj, att_q)  # (N, K, P)
         alpha = torch.softmax(scores, dim=-1)  # (N, K, P)
-        if transposed:
-            # (D,P) x (P,K) per image: twice as fast as (K,P) x (P,D) for K of a few beams (the
-            # (P,D) operand is packed for every product, measured 60 -> 30 ms per step for 100 x 5).
-            context = torch.bmm(feats, alpha.transpose(1, 2)).transpose(1, 2)  # (N, K, D)
-        else:
-            context = torch.bmm(alpha, feats)  # (N, K, D)
-        return torch.sigmoid(gate) * context, alpha  # (N, K, D), (N, K, P)
+        context = torch.bmm(alpha, feats) * torch.sigmoid(gate)  # (N, K, D)
+        return context, alpha
 
     # Elements of relu(enc_proj + q) per chunk when decoding. The (N, K, P, A) tensor of 100 images
     # x 5 beams is 200 MB, so each of its passes runs at memory speed; chunks of ~8 MB stay in the
@@ -560,15 +552,15 @@ class AttentionDecoder(nn.Module):
         return new_h, new_c
 
     def step(self, words: Tensor, feats: Tensor, enc_proj: Tensor, h: Tensor, c: Tensor,
-             word_gates: Tensor | None = None, transposed: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             word_gates: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One decoding step for K hypotheses per image.
 
-        words (N,K), feats (N,P,D) (or (N,D,P) when transposed), enc_proj (N,P,A), h/c (Y,N,K,H),
-        word_gates (V,G) or None: the embedding's share of the first layer's gates for every word
-        (see _word_gates) -> log_probs (N,K,V), alpha (N,K,P), h, c (Y,N,K,H).
+        words (N,K), feats (N,P,D), enc_proj (N,P,A), h/c (Y,N,K,H), word_gates (V,G) or None: the
+        embedding's share of the first layer's gates for every word (see _word_gates)
+        -> log_probs (N,K,V), alpha (N,K,P), h, c (Y,N,K,H).
         """
         N, K = words.shape
-        context, alpha = self.attend(feats, enc_proj, h[-1], transposed)  # (N,K,D), (N,K,P)
+        context, alpha = self.attend(feats, enc_proj, h[-1])  # (N,K,D), (N,K,P)
         if word_gates is None:
             emb_gates = self.emb_gates(self.embedding(words.reshape(-1)))  # (N*K, G)
         else:
@@ -728,11 +720,9 @@ def _word_gates(decoder: AttentionDecoder, lookups: int) -> Tensor | None:
 
 
 def _start(model: CaptionModel, feats: Tensor) -> tuple[AttentionDecoder, Tensor, Tensor, Tensor, Tensor]:
-    """decoder, feats (N,D,P) (transposed), enc_proj (N,P,A), h, c (Y,N,1,H)."""
     decoder = model.decoder
     feats = model.encode(feats) if feats.dim() == 4 else feats
     feats, enc_proj, h, c = decoder.prepare(feats)  # (N,P,D), (N,P,A), (Y,N,H)
-    feats = feats.transpose(1, 2).contiguous()  # (N, D, P): the layout attention reads fastest (attend)
     return decoder, feats, enc_proj, h.unsqueeze(2), c.unsqueeze(2)  # h, c (Y,N,1,H)
 
 
@@ -744,7 +734,7 @@ def greedy_decode(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: in
     feats (N,P,C) features (or images (N,3,H,W), encoded first) -> Decoded.
     """
     decoder, feats, enc_proj, h, c = _start(model, feats)
-    N, P = enc_proj.size(0), enc_proj.size(1)
+    N, P = feats.size(0), feats.size(1)
     out_tokens: list[list[int]] = [[] for _ in range(N)]
     out_scores = [0.0] * N
     out_alphas: list[Tensor] = [feats.new_zeros(0, P) for _ in range(N)]
@@ -755,7 +745,7 @@ def greedy_decode(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: in
     scores = feats.new_zeros(N)  # (n,)
     word_gates = _word_gates(decoder, N * cfg.max_len)  # (V, G) or None
     for t in range(cfg.max_len):
-        log_probs, alpha, h, c = decoder.step(words, feats, enc_proj, h, c, word_gates, transposed=True)  # (n,1,V), (n,1,P)
+        log_probs, alpha, h, c = decoder.step(words, feats, enc_proj, h, c, word_gates)  # (n,1,V), (n,1,P)
         log_probs = _mask_log_probs(log_probs, history, sos_id=sos_id, unk_id=unk_id, cfg=cfg)
         best, words = log_probs.topk(1, dim=-1)  # (n,1,1): topk, as beam search, so ties break alike
         words = words.squeeze(-1)  # (n, 1)
@@ -809,7 +799,7 @@ def beam_search(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: int,
     """
     K, lp = cfg.beam_size, cfg.length_penalty
     decoder, feats, enc_proj, h, c = _start(model, feats)
-    N, P = enc_proj.size(0), enc_proj.size(1)
+    N, P = feats.size(0), feats.size(1)
     dev = feats.device
     out_tokens: list[list[int]] = [[] for _ in range(N)]
     out_scores = [0.0] * N
@@ -831,7 +821,7 @@ def beam_search(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: int,
     word_gates = _word_gates(decoder, N * K * cfg.max_len)  # (V, G) or None
     for t in range(cfg.max_len):
         n, k = words.shape
-        log_probs, alpha, h, c = decoder.step(words, feats, enc_proj, h, c, word_gates, transposed=True)  # (n,k,V), (n,k,P), (Y,n,k,H)
+        log_probs, alpha, h, c = decoder.step(words, feats, enc_proj, h, c, word_gates)  # (n,k,V), (n,k,P), (Y,n,k,H)
         alphas.append(alpha)
         log_probs = _mask_log_probs(log_probs, history, sos_id=sos_id, unk_id=unk_id, cfg=cfg)
         V = log_probs.size(-1)

@@ -381,8 +381,8 @@ def test_a_batch_decodes_as_each_image_alone(beam_size):
 
 
 def test_decoding_shortcuts_give_the_plain_step():
-    # Decoding reads the features transposed (N, D, P), takes the word gates from a (V, G) table,
-    # and computes attention energies in chunks as max(e, -q) + q: the same step as the plain one.
+    # Decoding takes the word gates from a (V, G) table and computes attention energies without grad
+    # in chunks as max(e, -q) + q: the same step as the plain one.
     model = lively(features_model())
     dec = model.decoder
     feats, enc, h0, c0 = dec.prepare(random_feats(5))
@@ -396,7 +396,7 @@ def test_decoding_shortcuts_give_the_plain_step():
         old_chunk = dec.energy_chunk
         try:
             dec.energy_chunk = 3 * 9 * TINY["attention_dim"] * 2  # two images per chunk, the last one alone
-            fast = dec.step(words, feats.transpose(1, 2).contiguous(), enc, h, c, table, transposed=True)
+            fast = dec.step(words, feats, enc, h, c, table)
         finally:
             dec.energy_chunk = old_chunk
     for a, b in zip(plain, fast):
