@@ -447,7 +447,9 @@ def test_demo_preset_fills_only_flags_the_user_left_alone(monkeypatch):
     assert seen["train"].epochs == 3 and seen["model"].decoder_dim == 64  # the user's
     assert seen["train"].batch_size == train.DEMO_PRESET["batch_size"]  # the preset's
     assert (seen["model"].encoder, seen["model"].pretrained) == ("resnet18", False)
-    assert seen["model"].fine_tune_encoder and seen["data"].min_word_freq == 1
+    assert seen["model"].fine_tune_encoder == train.DEMO_PRESET["fine_tune_encoder"]
+    assert seen["model"].encoder_proj_dim == train.DEMO_PRESET["encoder_proj_dim"]
+    assert seen["data"].min_word_freq == 1
     # With a data set, no preset: the config defaults.
     assert cli.main(["--mode", "train", "--dataset_path", "x"]) == 0
     assert seen["train"].batch_size == 128 and seen["model"].encoder == "resnet50"
