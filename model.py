@@ -288,128 +288,185 @@ def image_transform(cfg: ModelConfig, train: bool) -> Callable:
 # --------------------------------------------------------------------------------------------
 
 # Teacher forcing runs the same weights and the same per-image tensors at every step. Plain autograd
-# then computes, at every step, a full-size weight gradient from a handful of rows (a memory-bound
-# outer product) and a zero-filled full-size gradient for each `x[:b]` slice, and adds them up.
-# A tape instead records each step's (input, output-gradient) pair, or adds the step's gradient
-# into the live prefix of one buffer, and hands the parameter a single gradient at the end: one
-# large matrix product per weight. A zero "token" made from the source ties every step to the
-# sink in the graph, so autograd runs the sink only after the last step's backward.
+# then pays, at every step, a full-size weight gradient from a handful of rows (a memory-bound outer
+# product), a zero-filled full-size gradient for each `x[:b]` slice, and a fresh (b, P, A) tensor
+# for each elementwise op of the attention (fresh pages cost several times the op itself on CPU).
+# _Recurrence runs the whole loop as one autograd node instead: the forward writes each step's
+# inputs and activations into step-major buffers (rows of step t at offs[t]:offs[t]+b_t, as in a
+# PackedSequence), the backward runs back through time by hand and computes every weight gradient
+# once, as one large product over all steps. The attention energies w . relu(e + q) keep no
+# (b, P, A) tensor per step: the backward recomputes e + q in one reused buffer, and only
+# S = sum_t dE_t * [e + q_t > 0] is accumulated, from which dE/de = S * w and dE/dw follow
+# (w . relu(e + q) = w . (e + q) where it is positive: dw = sum(S * e) + sum_t u_t . q_t, u_t the
+# per-step sum of S's increment over positions, which dE/dq_t needs anyway).
 
-class _Tape:
-    def __init__(self, source: Tensor) -> None:
-        self.source = source.detach()
-        self.xs: list[Tensor] = []
-        self.gs: list[Tensor] = []
-        self.buffer: Tensor | None = None
-        self.token = _Sink.apply(source, self) if source.requires_grad else None
+class _Plan:
+    """Sizes of one teacher-forcing pass: b_t captions still running at step t, dropout, attention dim."""
 
-    def add_prefix(self, b: int, grad: Tensor) -> None:
-        if self.buffer is None:
-            self.buffer = torch.zeros_like(self.source)
-        self.buffer[:b] += grad.to(self.buffer.dtype)
+    def __init__(self, sizes: list[int], dropout: float, attention_dim: int) -> None:
+        self.sizes = sizes
+        self.offs = [0]
+        for b in sizes:
+            self.offs.append(self.offs[-1] + b)
+        self.dropout = dropout
+        self.A = attention_dim
 
-    def finish(self) -> Tensor:
-        if self.xs:  # a weight (N, K): sum over steps of g_t^T x_t, as one product
-            dtype = self.source.dtype
-            grad = torch.cat(self.gs).to(dtype).t() @ torch.cat(self.xs).to(dtype)  # (N, K)
-        else:  # a per-image tensor used as prefixes
-            grad = self.buffer if self.buffer is not None else torch.zeros_like(self.source)
-        self.xs, self.gs, self.buffer = [], [], None
-        return grad
+    def rows(self, t: int) -> slice:
+        return slice(self.offs[t], self.offs[t] + self.sizes[t])
 
-
-class _Sink(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, source: Tensor, tape: _Tape) -> Tensor:
-        ctx.tape = tape
-        return source.new_zeros(())
-
-    @staticmethod
-    def backward(ctx, _grad: Tensor):
-        return ctx.tape.finish(), None
+    def prev_rows(self, t: int) -> slice:
+        """Rows of step t-1 that step t continues (the first b_t of them)."""
+        return slice(self.offs[t - 1], self.offs[t - 1] + self.sizes[t])
 
 
-def _token_grad(token: Tensor | None) -> Tensor | None:
-    return None if token is None else torch.zeros_like(token)
+def _lstm_cell_(gates: Tensor, c_prev: Tensor, c: Tensor, tanh_c: Tensor, h: Tensor) -> None:
+    """Activates gates (M, 4H) in place (input, forget, output | cell) and writes c, tanh(c), h (M, H)."""
+    H = c.size(-1)
+    gates[:, :3 * H].sigmoid_()
+    gates[:, 3 * H:].tanh_()
+    torch.mul(gates[:, H:2 * H], c_prev, out=c)
+    c.addcmul_(gates[:, :H], gates[:, 3 * H:])
+    torch.tanh(c, out=tanh_c)
+    torch.mul(gates[:, 2 * H:3 * H], tanh_c, out=h)
 
 
-class _TapedLinear(torch.autograd.Function):
-    """x (M,K) @ weight.T without a bias; the weight's gradient goes to its tape."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, token: Tensor, tape: _Tape) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.tape = tape
-        return x @ tape.source.t().to(x.dtype)  # (M, N)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (x,) = ctx.saved_tensors
-        ctx.tape.xs.append(x)
-        ctx.tape.gs.append(grad)
-        grad_x = (grad @ ctx.tape.source.to(grad.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, torch.zeros_like(ctx.tape.token), None
+def _lstm_cell_backward_(gates: Tensor, c_prev: Tensor, tanh_c: Tensor, dh: Tensor, dc: Tensor,
+                         dgates: Tensor) -> None:
+    """dgates (M, 4H) of the pre-activations from dh, dc (M, H); dc becomes the gradient of c_prev."""
+    H = dh.size(-1)
+    i, f, o, g = gates.split(H, dim=1)  # (M, H) each
+    torch.mul(dh, tanh_c, out=dgates[:, 2 * H:3 * H])  # dh * tanh(c)
+    dc.add_(torch.mul(tanh_c, tanh_c).neg_().add_(1).mul_(o).mul_(dh))  # + dh * o * (1 - tanh(c)^2)
+    torch.mul(dc, g, out=dgates[:, :H])
+    torch.mul(dc, c_prev, out=dgates[:, H:2 * H])
+    torch.mul(dc, i, out=dgates[:, 3 * H:]).mul_(torch.mul(g, g).neg_().add_(1))  # tanh'
+    sig = gates[:, :3 * H]
+    dgates[:, :3 * H].mul_(torch.mul(sig, sig).neg_().add_(sig))  # sigmoid' = s - s^2
+    dc.mul_(f)
 
 
-class _TapedScores(torch.autograd.Function):
-    """Additive attention energies w . relu(enc_proj[:b] + q) for K queries per image."""
+class _Recurrence(torch.autograd.Function):
+    """The teacher-forcing loop of AttentionDecoder (sorted captions, shrinking batch) as one node.
 
-    @staticmethod
-    def forward(ctx, q: Tensor, w: Tensor, token: Tensor | None, tape: _Tape, b: int) -> Tensor:
-        enc = tape.source[:b]  # (b, P, A)
-        hidden = torch.relu_(enc.unsqueeze(1) + q.to(enc.dtype).unsqueeze(2))  # (b, K, P, A)
-        ctx.save_for_backward(hidden, w)
-        ctx.tape, ctx.b, ctx.q_dtype = tape, b, q.dtype
-        return hidden @ w.to(hidden.dtype)  # (b, K, P)
+    feats (B,P,D), enc (B,P,A), h0/c0 (Y,B,H), emb_gates (R,G) step-major, the weights of query,
+    attention, first layer's [context, h] gates and upper layers -> top hidden states (R,H) and
+    attention weights (R,P), step-major. Computes what AttentionDecoder.attend and .lstm compute.
+    """
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        hidden, w = ctx.saved_tensors
-        grad = grad.to(hidden.dtype)
-        d = torch.ops.aten.threshold_backward(grad.unsqueeze(-1) * w.to(hidden.dtype), hidden, 0)  # (b,K,P,A)
-        if ctx.tape.token is not None:
-            # squeeze, not sum, for one query: a sum over a size-1 dim zero-fills and accumulates.
-            ctx.tape.add_prefix(ctx.b, d.squeeze(1) if d.size(1) == 1 else d.sum(1))
-        grad_q = d.sum(2).to(ctx.q_dtype)  # (b, K, A)
-        grad_w = (grad.reshape(1, -1) @ hidden.flatten(0, 2)).view(-1).to(w.dtype)  # (A,)
-        return grad_q, grad_w, _token_grad(ctx.tape.token), None, None
-
-
-class _TapedContext(torch.autograd.Function):
-    """alpha (b,K,P) @ feats[:b] (b,P,D) -> (b,K,D)."""
+    def forward(ctx, plan: _Plan, feats: Tensor, enc: Tensor, h0: Tensor, c0: Tensor, emb_gates: Tensor,
+                wq: Tensor, bq: Tensor, w_att: Tensor, wc: Tensor, *upper: Tensor) -> tuple[Tensor, Tensor]:
+        Y, B, H = h0.shape
+        P, D, A = feats.size(1), feats.size(2), plan.A
+        R, G, p = plan.offs[-1], 4 * H, plan.dropout
+        new = feats.new_empty
+        hq = new(R, H)  # query input: the top layer's h of the step before
+        q = new(R, A + D)  # query output: attention query | context gate (pre-sigmoid)
+        alpha = new(R, P)
+        ctx_raw = new(R, D)  # alpha @ feats, before the gate
+        gate = new(R, D)  # sigmoid of the context gate
+        xs = [new(R, D + H)] + [new(R, 2 * H) for _ in range(Y - 1)]  # each layer's [input, h] rows
+        acts = [new(R, G) for _ in range(Y)]  # activated gates
+        cs, tanh_cs, hs = ([new(R, H) for _ in range(Y)] for _ in range(3))
+        masks = [new(R, H) for _ in range(Y - 1)] if p > 0 else None  # dropout masks (scaled)
+        hidden = new(B, P, A)  # max(e, -q), reused by every step
+        energy = new(B, P)
+        w = w_att.view(-1)  # (A,)
+        for t, b in enumerate(plan.sizes):
+            r = plan.rows(t)
+            rp = plan.prev_rows(t) if t else None
+            h_prev = [hs[y][rp] if t else h0[y, :b] for y in range(Y)]  # (b, H) each
+            c_prev = [cs[y][rp] if t else c0[y, :b] for y in range(Y)]
+            hq[r] = h_prev[-1]
+            qr = torch.addmm(bq, hq[r], wq.t(), out=q[r])  # (b, A+D)
+            att_q = qr[:, :A]  # (b, A)
+            # w . relu(e + q) = w . max(e, -q) + w . q: one pass over (b, P, A) into the reused buffer.
+            torch.maximum(enc[:b], att_q.neg().unsqueeze(1), out=hidden[:b])  # (b, P, A)
+            e = torch.matmul(hidden[:b], w, out=energy[:b])  # (b, P)
+            e.add_((att_q @ w).unsqueeze(1))
+            torch.ops.aten._softmax.out(e, -1, False, out=alpha[r])  # (b, P)
+            torch.bmm(alpha[r].unsqueeze(1), feats[:b], out=ctx_raw[r].unsqueeze(1))  # (b, 1, D)
+            torch.sigmoid(qr[:, A:], out=gate[r])  # (b, D)
+            x = xs[0][r]  # (b, D+H)
+            torch.mul(ctx_raw[r], gate[r], out=x[:, :D])
+            x[:, D:] = h_prev[0]
+            torch.addmm(emb_gates[r], x, wc.t(), out=acts[0][r])  # (b, G)
+            _lstm_cell_(acts[0][r], c_prev[0], cs[0][r], tanh_cs[0][r], hs[0][r])
+            for y in range(1, Y):
+                x = xs[y][r]  # (b, 2H)
+                if masks is not None:  # as F.dropout draws it: bernoulli(1-p) / (1-p), same RNG order
+                    m = masks[y - 1][r].bernoulli_(1 - p).div_(1 - p)
+                    torch.mul(hs[y - 1][r], m, out=x[:, :H])
+                else:
+                    x[:, :H] = hs[y - 1][r]
+                x[:, H:] = h_prev[y]
+                torch.addmm(upper[2 * y - 1], x, upper[2 * y - 2].t(), out=acts[y][r])  # (b, G)
+                _lstm_cell_(acts[y][r], c_prev[y], cs[y][r], tanh_cs[y][r], hs[y][r])
+        ctx.plan = plan
+        ctx.buffers = (hq, q, ctx_raw, gate, xs, acts, cs, tanh_cs, hs[:-1], masks, hidden)
+        ctx.save_for_backward(feats, enc, h0, c0, wq, w_att, wc, *upper, hs[-1], alpha)
+        return hs[-1], alpha
 
     @staticmethod
-    def forward(ctx, alpha: Tensor, token: Tensor | None, tape: _Tape, b: int) -> Tensor:
-        feats = tape.source[:b]  # (b, P, D)
-        ctx.save_for_backward(alpha)
-        ctx.tape, ctx.b = tape, b
-        return torch.bmm(alpha.to(feats.dtype), feats)  # (b, K, D)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (alpha,) = ctx.saved_tensors
-        feats = ctx.tape.source[:ctx.b]  # (b, P, D)
-        grad = grad.to(feats.dtype)
-        grad_alpha = torch.bmm(grad, feats.transpose(1, 2)).to(alpha.dtype)  # (b, K, P)
-        if ctx.tape.token is not None:
-            ctx.tape.add_prefix(ctx.b, torch.bmm(alpha.to(feats.dtype).transpose(1, 2), grad))  # (b, P, D)
-        return grad_alpha, _token_grad(ctx.tape.token), None, None
-
-
-class _Tapes:
-    """The tapes of one teacher-forcing pass."""
-
-    def __init__(self, dec: "AttentionDecoder", feats: Tensor, enc_proj: Tensor) -> None:
-        self.feats = _Tape(feats)
-        self.enc_proj = _Tape(enc_proj)
-        self.query = _Tape(dec.query.weight)
-        self.ctx_gates = _Tape(dec.ctx_gates.weight)
-        self.upper = [_Tape(lin.weight) for lin in dec.upper]
-
-    @staticmethod
-    def linear(tape: _Tape, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        y = _TapedLinear.apply(x, tape.token, tape) if tape.token is not None else x @ tape.source.t()
-        return y if bias is None else y + bias
+    def backward(ctx, d_out: Tensor, d_alpha: Tensor):
+        plan = ctx.plan
+        feats, enc, h0, c0, wq, w_att, wc, *rest = ctx.saved_tensors
+        upper, h_top, alpha = rest[:-2], rest[-2], rest[-1]
+        hq, q, ctx_raw, gate, xs, acts, cs, tanh_cs, hs, masks, work = ctx.buffers
+        hs = list(hs) + [h_top]
+        Y, B, H = h0.shape
+        P, D, A = feats.size(1), feats.size(2), plan.A
+        R = plan.offs[-1]
+        w = w_att.view(-1)  # (A,)
+        dh = h0.new_zeros(Y, B, H)  # gradient of each layer's h (then of h0)
+        dc = c0.new_zeros(Y, B, H)
+        dq = q.new_empty(R, A + D)
+        dgates = [acts[0].new_empty(R, 4 * H) for _ in range(Y)]
+        u = q.new_empty(R, A)  # per step: sum over positions of dE/de / w
+        S = enc.new_zeros(B, P, A)  # sum over steps of dE/d(e + q) / w
+        d_feats = feats.new_zeros(feats.shape) if ctx.needs_input_grad[1] else None
+        for t in range(len(plan.sizes) - 1, -1, -1):
+            b = plan.sizes[t]
+            r = plan.rows(t)
+            rp = plan.prev_rows(t) if t else None
+            dh[-1, :b].add_(d_out[r])
+            for y in range(Y - 1, -1, -1):
+                c_prev = cs[y][rp] if t else c0[y, :b]
+                _lstm_cell_backward_(acts[y][r], c_prev, tanh_cs[y][r], dh[y, :b], dc[y, :b], dgates[y][r])
+                if y > 0:
+                    dx = dgates[y][r] @ upper[2 * y - 2]  # (b, 2H): [below, h_prev]
+                    dh[y, :b].copy_(dx[:, H:])
+                    if masks is not None:
+                        dh[y - 1, :b].addcmul_(dx[:, :H], masks[y - 1][r])
+                    else:
+                        dh[y - 1, :b].add_(dx[:, :H])
+                else:
+                    dx = dgates[0][r] @ wc  # (b, D+H): [context, h_prev]
+                    dh[0, :b].copy_(dx[:, D:])
+                    d_context = dx[:, :D]  # (b, D)
+            # context = ctx_raw * sigmoid(gate_pre), ctx_raw = alpha @ feats
+            g = gate[r]
+            d_raw = d_context * g  # (b, D)
+            torch.mul(d_context, ctx_raw[r], out=dq[r, A:]).mul_(torch.mul(g, g).neg_().add_(g))
+            da = torch.bmm(d_raw.unsqueeze(1), feats[:b].transpose(1, 2)).squeeze(1)  # (b, P)
+            da += d_alpha[r]
+            a = alpha[r]
+            if d_feats is not None:
+                d_feats[:b].baddbmm_(a.unsqueeze(2), d_raw.unsqueeze(1))  # (b, P, D)
+            de = (da - (da * a).sum(-1, keepdim=True)).mul_(a)  # softmax backward, (b, P)
+            pre = torch.add(enc[:b], q[r, :A].unsqueeze(1), out=work[:b])  # (b, P, A)
+            masked = torch.ops.aten.threshold_backward.grad_input(de.unsqueeze(-1), pre, 0, grad_input=pre)
+            S[:b].add_(masked)
+            torch.sum(masked, dim=1, out=u[r])  # (b, A)
+            torch.mul(u[r], w, out=dq[r, :A])
+            dh[-1, :b].addmm_(dq[r], wq)  # the query read the top h of the step before
+        d_w = (torch.mul(S, enc, out=work).sum((0, 1)) + (u * q[:, :A]).sum(0)).view_as(w_att)
+        d_enc = S.mul_(w)  # (B, P, A)
+        d_upper = []
+        for y in range(1, Y):
+            d_upper += [dgates[y].t() @ xs[y], dgates[y].sum(0)]
+        return (None, d_feats, d_enc, dh, dc, dgates[0], dq.t() @ hq, dq.sum(0), d_w,
+                dgates[0].t() @ xs[0], *d_upper)
 
 
 class AttentionDecoder(nn.Module):
@@ -442,8 +499,9 @@ class AttentionDecoder(nn.Module):
         self.dropout = cfg.dropout
         self.reset_parameters()
 
-    # Teacher forcing with gradient tapes (see _Tape); False: plain autograd (bench/bench_decoder.py
-    # measures both, tests check they give the same gradients).
+    # Teacher forcing with grad through _Recurrence (the hand-written backward through time); False:
+    # plain autograd through attend() and lstm() (bench/bench_decoder.py --untaped measures both, tests
+    # check they give the same gradients).
     use_tapes = True
 
     def reset_parameters(self) -> None:
@@ -513,16 +571,6 @@ class AttentionDecoder(nn.Module):
             torch.matmul(hidden, w, out=out[i:i + n])  # (n, K, P)
         return out.add_((att_q @ w).unsqueeze(-1))  # (N, K, P)
 
-    def _attend_taped(self, tapes: _Tapes, b: int, h_top: Tensor) -> tuple[Tensor, Tensor]:
-        """attend() on the first b images of the pass, gradients through the tapes. h_top (b,H)."""
-        A = self.cfg.attention_dim
-        q = _Tapes.linear(tapes.query, h_top, self.query.bias)  # (b, A+D)
-        att_q, gate = q.unsqueeze(1).split([A, q.size(-1) - A], dim=-1)  # (b,1,A), (b,1,D)
-        scores = _TapedScores.apply(att_q, self.full_att.weight.view(-1), tapes.enc_proj.token, tapes.enc_proj, b)
-        alpha = torch.softmax(scores, dim=-1)  # (b, 1, P)
-        context = _TapedContext.apply(alpha, tapes.feats.token, tapes.feats, b) * torch.sigmoid(gate)  # (b,1,D)
-        return context, alpha
-
     @staticmethod
     def _cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         H = c.size(-1)
@@ -532,20 +580,17 @@ class AttentionDecoder(nn.Module):
         h = ifo[..., 2 * H:] * torch.tanh(c)  # (..., H)
         return h, c
 
-    def lstm(self, emb_gates: Tensor, context: Tensor, h: list[Tensor], c: list[Tensor],
-             tapes: _Tapes | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    def lstm(self, emb_gates: Tensor, context: Tensor, h: list[Tensor], c: list[Tensor]
+             ) -> tuple[list[Tensor], list[Tensor]]:
         """One step of the stacked LSTM. emb_gates (M,G), context (M,D), h/c: Y tensors (M,H)."""
         x = torch.cat([context, h[0]], dim=1)  # (M, D+H)
-        if tapes is None:
-            gates = torch.addmm(emb_gates, x, self.ctx_gates.weight.t())  # (M, G)
-        else:
-            gates = _Tapes.linear(tapes.ctx_gates, x, emb_gates)  # (M, G)
+        gates = torch.addmm(emb_gates, x, self.ctx_gates.weight.t())  # (M, G)
         h0, c0 = self._cell(gates, c[0])
         new_h, new_c = [h0], [c0]
         for layer, lin in enumerate(self.upper, start=1):
             below = F.dropout(new_h[-1], self.dropout, self.training)  # (M, H)
             x = torch.cat([below, h[layer]], dim=1)  # (M, 2H)
-            gates = lin(x) if tapes is None else _Tapes.linear(tapes.upper[layer - 1], x, lin.bias)  # (M, G)
+            gates = lin(x)  # (M, G)
             hl, cl = self._cell(gates, c[layer])
             new_h.append(hl)
             new_c.append(cl)
@@ -589,42 +634,69 @@ class AttentionDecoder(nn.Module):
         sizes = [sum(1 for s in steps_sorted if s > t) for t in range(steps_sorted[0] if B else 0)]
         if sizes:
             # The input words of real steps only, step-major (as a PackedSequence): the embedding's
-            # share of the first layer's gates is one product, and its per-step parts are views.
+            # share of the first layer's gates is one product, and its per-step parts are row ranges.
             dev = captions.device
             row = torch.cat([torch.arange(b, device=dev) for b in sizes])  # (R,)
             col = torch.repeat_interleave(torch.arange(len(sizes), device=dev), torch.tensor(sizes, device=dev))
             words = captions[order[row], col]  # (R,)
-            emb_gates = self.emb_gates(self.embedding(words)).split(sizes)  # per step (b_t, G)
-        tapes = _Tapes(self, feats, enc_proj) if self.use_tapes and torch.is_grad_enabled() else None
-        h, c = list(h0), list(c0)
-        outs, att = [], []
-        for t, b in enumerate(sizes):
-            if b < h[0].size(0):
-                h = [x[:b] for x in h]
-                c = [x[:b] for x in c]
-            if tapes is None:
+            emb_gates = self.emb_gates(self.embedding(words))  # (R, G)
+        else:
+            emb_gates = feats.new_zeros(0, 4 * self.cfg.decoder_dim)
+        if sizes and self.use_tapes and torch.is_grad_enabled():
+            hidden, alphas = self._recurrence(sizes, feats, enc_proj, h0, c0, emb_gates)
+        else:
+            h, c = list(h0), list(c0)
+            outs, att = [], []
+            for t, (b, gates) in enumerate(zip(sizes, emb_gates.split(sizes))):
+                if b < h[0].size(0):
+                    h = [x[:b] for x in h]
+                    c = [x[:b] for x in c]
                 context, alpha = self.attend(feats[:b], enc_proj[:b], h[-1].unsqueeze(1))  # (b,1,D), (b,1,P)
-            else:
-                context, alpha = self._attend_taped(tapes, b, h[-1])  # (b,1,D), (b,1,P)
-            h, c = self.lstm(emb_gates[t], context.squeeze(1), h, c, tapes)
-            outs.append(h[-1])
-            att.append(alpha.squeeze(1))
-        return self._scatter_outputs(outs, att, order, feats, T)
+                h, c = self.lstm(gates, context.squeeze(1), h, c)
+                outs.append(h[-1])
+                att.append(alpha.squeeze(1))
+            hidden = torch.cat(outs) if outs else feats.new_zeros(0, self.cfg.decoder_dim)  # (R, H)
+            alphas = torch.cat(att) if att else feats.new_zeros(0, feats.size(1))  # (R, P)
+        return self._scatter_packed(hidden, alphas, sizes, order, feats.size(0), T)
+
+    def _recurrence(self, sizes: list[int], feats: Tensor, enc_proj: Tensor, h0: Tensor, c0: Tensor,
+                    emb_gates: Tensor) -> tuple[Tensor, Tensor]:
+        """The loop through _Recurrence -> top hidden states (R,H), alphas (R,P), step-major.
+
+        It runs in the weights' dtype with autocast off: its buffers have one dtype (under AMP the
+        large products around it, encoder side and output projection, still run in low precision).
+        """
+        dtype = self.ctx_gates.weight.dtype
+        weights = [self.query.weight, self.query.bias, self.full_att.weight, self.ctx_gates.weight]
+        for lin in self.upper:
+            weights += [lin.weight, lin.bias]
+        plan = _Plan(sizes, self.dropout if self.training else 0.0, self.cfg.attention_dim)
+        with torch.autocast(feats.device.type, enabled=False):
+            inputs = [x.to(dtype).contiguous() for x in (feats, enc_proj, h0, c0, emb_gates)]
+            return _Recurrence.apply(plan, *inputs, *weights)
 
     def _scatter_outputs(self, outs: list[Tensor], att: list[Tensor], order: Tensor, feats: Tensor,
                          T: int) -> tuple[Tensor, Tensor]:
         """Per-step outputs of shrinking size -> padded (B,T-1,.) in input order; fc on real steps only."""
-        B, P, V = feats.size(0), feats.size(1), self.cfg.vocab_size
-        logits = feats.new_zeros(B * (T - 1), V)
-        alphas = feats.new_zeros(B * (T - 1), P)
         if not outs:
-            return logits.view(B, T - 1, V), alphas.view(B, T - 1, P)
-        hidden = torch.cat(outs)  # (R, H), R = real steps of the batch, ordered by step
+            return self._scatter_packed(feats.new_zeros(0, self.cfg.decoder_dim), feats.new_zeros(0, feats.size(1)),
+                                        [], order, feats.size(0), T)
+        return self._scatter_packed(torch.cat(outs), torch.cat(att), [x.size(0) for x in outs], order,
+                                    feats.size(0), T)
+
+    def _scatter_packed(self, hidden: Tensor, alphas: Tensor, sizes: list[int], order: Tensor, B: int,
+                        T: int) -> tuple[Tensor, Tensor]:
+        """Step-major hidden (R,H), alphas (R,P) of b_t rows per step -> padded (B,T-1,.) in input order."""
+        P, V = alphas.size(-1), self.cfg.vocab_size
+        logits = hidden.new_zeros(B * (T - 1), V)
+        out_alphas = alphas.new_zeros(B * (T - 1), P)
+        if not sizes:
+            return logits.view(B, T - 1, V), out_alphas.view(B, T - 1, P)
         hidden = F.dropout(hidden, self.dropout, self.training)
-        rows = torch.cat([order[:x.size(0)] * (T - 1) + t for t, x in enumerate(outs)])  # (R,)
+        rows = torch.cat([order[:b] * (T - 1) + t for t, b in enumerate(sizes)])  # (R,)
         logits = logits.index_copy(0, rows, self.fc(hidden))  # (B*(T-1), V)
-        alphas = alphas.index_copy(0, rows, torch.cat(att))  # (B*(T-1), P)
-        return logits.view(B, T - 1, V), alphas.view(B, T - 1, P)
+        out_alphas = out_alphas.index_copy(0, rows, alphas)  # (B*(T-1), P)
+        return logits.view(B, T - 1, V), out_alphas.view(B, T - 1, P)
 
 
 # --------------------------------------------------------------------------------------------

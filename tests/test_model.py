@@ -303,22 +303,46 @@ def test_loss_falls_on_one_repeated_batch():
     assert losses[-1] < 0.3 * losses[0]
 
 
-@pytest.mark.parametrize("kw", [{}, {"encoder_proj_dim": 12, "num_layers": 3}])
-def test_gradient_tapes_give_the_plain_autograd_gradients(kw, monkeypatch):
-    model = features_model(**kw).double()
+@pytest.mark.parametrize("kw", [{}, {"encoder_proj_dim": 12, "num_layers": 3}, {"dropout": 0.5, "num_layers": 3}])
+def test_hand_written_backward_gives_the_plain_autograd_gradients(kw, monkeypatch):
+    # The training loop runs as one node with its own backward through time (_Recurrence); plain
+    # autograd through attend()/lstm() is the reference. With dropout both draw the same masks in
+    # the same order, so a seeded training-mode pass is the same function too.
+    model = features_model(**kw).double().train()
     feats = random_feats(4).double().requires_grad_()  # as when the encoder is fine-tuned
     captions, lengths = batch()
-    grads = []
+    grads, outputs = [], []
     for tapes in (True, False):
         monkeypatch.setattr(M.AttentionDecoder, "use_tapes", tapes)
         model.zero_grad()
         feats.grad = None
+        torch.manual_seed(7)
         logits, alphas = model(feats, captions, lengths)
         M.caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)[0].backward()
+        outputs.append((logits.detach(), alphas.detach()))
         grads.append({**{n: p.grad.clone() for n, p in model.named_parameters()}, "feats": feats.grad.clone()})
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_training_step_runs_under_autocast():
+    # Under AMP the recurrence runs in the weights' dtype (its buffers have one dtype); the large
+    # products around it follow autocast. The loss must match float32 closely and gradients be finite.
+    model = features_model().train()
+    feats = random_feats(4)
+    captions, lengths = batch()
+    with torch.no_grad():
+        logits, alphas = model(feats, captions, lengths)
+        loss32, _ = M.caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, alphas = model(feats, captions, lengths)
+        loss, _ = M.caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)
+    loss.backward()
+    assert abs(loss.item() - loss32.item()) < 0.05 * loss32.item()
+    assert all(torch.isfinite(p.grad).all() for p in model.decoder.parameters() if p.grad is not None)
 
 
 def test_encoder_proj_dim_adds_a_channel_projection():
