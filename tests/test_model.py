@@ -423,8 +423,30 @@ def test_decoding_shortcuts_give_the_plain_step():
             fast = dec.step(words, feats, enc, h, c, table)
         finally:
             dec.energy_chunk = old_chunk
-    for a, b in zip(plain, fast):
+        # Features with positions last (what large batches read): the same step, feats not needed.
+        fast_dp = dec.step(words, None, enc, h, c, table, feats_dp=feats.transpose(1, 2).contiguous())
+    for a, b, d in zip(plain, fast, fast_dp):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(d, b, rtol=1e-5, atol=1e-6)
+
+
+def test_positions_last_copy_is_the_transpose_and_decodes_alike(monkeypatch):
+    model = lively(features_model())
+    feats = random_feats(5)
+    assert M._positions_last(feats) is None  # small: the (N,P,D) product stays
+    monkeypatch.setattr(M, "POSITIONS_LAST_BYTES", 0)
+    torch.testing.assert_close(M._positions_last(feats), feats.transpose(1, 2))
+    cfg = M.DecodeConfig(beam_size=3, max_len=10)
+    monkeypatch.setattr(M, "POSITIONS_LAST_BYTES", 1 << 40)
+    plain = M.beam_search(model, feats, cfg=cfg, **IDS)
+    monkeypatch.setattr(M, "POSITIONS_LAST_BYTES", 0)
+    for fn in (M.beam_search, M.greedy_decode):
+        out = fn(model, feats, cfg=cfg, **IDS)
+        ref = plain if fn is M.beam_search else None
+        if ref is not None:
+            assert out.tokens == ref.tokens
+            assert out.scores == pytest.approx(ref.scores, abs=1e-5)
+        check_decoded(out, 5, 10)
 
 
 def test_a_wide_beam_finds_the_exhaustive_best_caption():
