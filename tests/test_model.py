@@ -428,6 +428,18 @@ def test_decoding_shortcuts_give_the_plain_step():
     for a, b, d in zip(plain, fast, fast_dp):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(d, b, rtol=1e-5, atol=1e-6)
+    # Hypotheses continuing the same beam (equal states): the shared products run once per parent.
+    parent = torch.tensor([[0, 0, 1], [2, 2, 2], [0, 1, 2], [1, 0, 1], [0, 0, 0]])  # (N, K)
+    shared = M._shared_rows(parent)
+    assert shared[0].numel() == 2 + 1 + 3 + 2 + 1
+    h_par = h.gather(2, parent.view(1, 5, 3, 1).expand_as(h))  # (Y, N, K, H) as beam search moves them
+    c_par = c.gather(2, parent.view(1, 5, 3, 1).expand_as(c))
+    plain = [x.detach() for x in dec.step(words, feats, enc, h_par, c_par)]
+    with torch.inference_mode():
+        fast = dec.step(words, feats, enc, h_par, c_par, table, shared=shared)
+    for a, b in zip(plain, fast):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert M._shared_rows(torch.tensor([[0, 1, 2]])) is None
 
 
 def test_positions_last_copy_is_the_transpose_and_decodes_alike(monkeypatch):
