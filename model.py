@@ -310,6 +310,7 @@ class _Plan:
             self.offs.append(self.offs[-1] + b)
         self.dropout = dropout
         self.A = attention_dim
+        self.release: Callable[[], None] | None = None  # called once, when the backward is done
 
     def rows(self, t: int) -> slice:
         return slice(self.offs[t], self.offs[t] + self.sizes[t])
@@ -465,6 +466,9 @@ class _Recurrence(torch.autograd.Function):
         d_upper = []
         for y in range(1, Y):
             d_upper += [dgates[y].t() @ xs[y], dgates[y].sum(0)]
+        if plan.release is not None:
+            plan.release()
+            plan.release = None
         return (None, d_feats, d_enc, dh, dc, dgates[0], dq.t() @ hq, dq.sum(0), d_w,
                 dgates[0].t() @ xs[0], *d_upper)
 
@@ -498,6 +502,7 @@ class AttentionDecoder(nn.Module):
         self.fc = nn.Linear(H, cfg.vocab_size)
         self.dropout = cfg.dropout
         self.reset_parameters()
+        self._row_buffers: list[Tensor] = []  # see _sorted_rows
 
     # Teacher forcing with grad through _Recurrence (the hand-written backward through time); False:
     # plain autograd through attend() and lstm() (bench/bench_decoder.py --untaped measures both, tests
@@ -670,7 +675,8 @@ class AttentionDecoder(nn.Module):
         steps = (lengths - 1).clamp(min=0, max=T - 1)  # (B,) real decoding steps
         order = torch.argsort(steps, descending=True, stable=True)  # (B,)
         steps_sorted = steps[order].tolist()
-        feats, enc_proj, h0, c0 = self.prepare(feats[order])  # (B,P,D), (B,P,A), (Y,B,H)
+        feats, release = self._sorted_rows(feats, order)  # (B, P, C)
+        feats, enc_proj, h0, c0 = self.prepare(feats)  # (B,P,D), (B,P,A), (Y,B,H)
         # Captions are sorted by length, so the ones still running at step t are a prefix of b_t rows.
         sizes = [sum(1 for s in steps_sorted if s > t) for t in range(steps_sorted[0] if B else 0)]
         if sizes:
@@ -684,7 +690,7 @@ class AttentionDecoder(nn.Module):
         else:
             emb_gates = feats.new_zeros(0, 4 * self.cfg.decoder_dim)
         if sizes and self.use_tapes and torch.is_grad_enabled():
-            hidden, alphas = self._recurrence(sizes, feats, enc_proj, h0, c0, emb_gates)
+            hidden, alphas = self._recurrence(sizes, feats, enc_proj, h0, c0, emb_gates, release)
         else:
             h, c = list(h0), list(c0)
             outs, att = [], []
@@ -700,8 +706,32 @@ class AttentionDecoder(nn.Module):
             alphas = torch.cat(att) if att else feats.new_zeros(0, feats.size(1))  # (R, P)
         return self._scatter_packed(hidden, alphas, sizes, order, feats.size(0), T)
 
+    def _sorted_rows(self, feats: Tensor, order: Tensor) -> tuple[Tensor, Callable[[], None] | None]:
+        """feats[order], and for a training pass on CPU a function that hands its buffer back.
+
+        A fresh (32, 196, 2048) tensor costs ~40 ms of page faults on CPU, 5x the copy itself
+        (above 32 MiB glibc always maps new pages). A training pass takes a buffer from a small
+        pool and _Recurrence's backward returns it: by then nothing of that pass reads it any
+        more except the encoder side's weight gradient, which runs within the same backward.
+        """
+        if (feats.requires_grad or feats.device.type != "cpu" or not self.use_tapes
+                or not torch.is_grad_enabled()):
+            return feats.index_select(0, order), None
+        pool = self._row_buffers
+        for i, buf in enumerate(pool):
+            if buf.shape == feats.shape and buf.dtype == feats.dtype:
+                pool.pop(i)
+                break
+        else:
+            buf = torch.empty_like(feats)
+
+        def release() -> None:
+            pool[:] = [b for b in pool if b.shape != buf.shape][:1] + [buf]  # at most 2 kept
+
+        return torch.index_select(feats, 0, order, out=buf), release
+
     def _recurrence(self, sizes: list[int], feats: Tensor, enc_proj: Tensor, h0: Tensor, c0: Tensor,
-                    emb_gates: Tensor) -> tuple[Tensor, Tensor]:
+                    emb_gates: Tensor, release: Callable[[], None] | None = None) -> tuple[Tensor, Tensor]:
         """The loop through _Recurrence -> top hidden states (R,H), alphas (R,P), step-major.
 
         It runs in the weights' dtype with autocast off: its buffers have one dtype (under AMP the
@@ -712,6 +742,7 @@ class AttentionDecoder(nn.Module):
         for lin in self.upper:
             weights += [lin.weight, lin.bias]
         plan = _Plan(sizes, self.dropout if self.training else 0.0, self.cfg.attention_dim)
+        plan.release = release
         with torch.autocast(feats.device.type, enabled=False):
             inputs = [x.to(dtype).contiguous() for x in (feats, enc_proj, h0, c0, emb_gates)]
             return _Recurrence.apply(plan, *inputs, *weights)

@@ -328,6 +328,34 @@ def test_hand_written_backward_gives_the_plain_autograd_gradients(kw, monkeypatc
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_reused_feature_buffer_gives_the_same_gradients_and_is_never_read_stale(monkeypatch):
+    # Cached features (no grad) are sorted into a buffer that the backward hands back for the next pass.
+    model = features_model().double()
+    captions, lengths = batch()
+    feats = [random_feats(4, seed=s).double() for s in (1, 2, 1)]
+
+    def grads(x, tapes):
+        monkeypatch.setattr(M.AttentionDecoder, "use_tapes", tapes)
+        model.zero_grad()
+        logits, alphas = model(x, captions, lengths)
+        M.caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)[0].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    for x in feats:  # the second and third passes reuse the first one's buffer
+        fast, plain = grads(x, True), grads(x, False)
+        for name in fast:
+            torch.testing.assert_close(fast[name], plain[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert len(model.decoder._row_buffers) == 1
+    # A graph kept for a second backward must not read a buffer a later pass overwrote.
+    monkeypatch.setattr(M.AttentionDecoder, "use_tapes", True)
+    logits, alphas = model(feats[0], captions, lengths)
+    loss, _ = M.caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)
+    loss.backward(retain_graph=True)
+    model(feats[2], captions, lengths)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_training_step_runs_under_autocast():
     # Under AMP the recurrence runs in the weights' dtype (its buffers have one dtype); the large
     # products around it follow autocast. The loss must match float32 closely and gradients be finite.
