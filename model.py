@@ -479,7 +479,10 @@ class AttentionDecoder(nn.Module):
     Speed choices (bench/bench_decoder.py measures them): the encoder-side attention projection is
     computed once per image; the embedding's share of the first layer's gates and the output
     projection run once for all steps as large matrix products; teacher forcing sorts captions by
-    length and shrinks the batch to the captions still running.
+    length and shrinks the batch to the captions still running, and with grad runs the loop as one
+    autograd node with a hand-written backward through time (_Recurrence); decoding computes the
+    query and first-layer products once per parent beam and, for large batches, reads the features
+    with positions last (_positions_last).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
