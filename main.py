@@ -68,8 +68,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     # parsing never imports torch; the help states them.
     g = parser.add_argument_group("model")
     g.add_argument("--encoder", default=None,
-                   choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "inception_v3"),
-                   help="image encoder backbone [resnet50]")
+                   choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "inception_v3",
+                            "small_cnn"),
+                   help="image encoder backbone [resnet50]; small_cnn: a 4-layer CNN without pretrained "
+                        "weights, for quick runs (the demo), 64 px")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                    help="ImageNet weights through torchvision (torch hub cache) [on]")
     g.add_argument("--encoder_weights", default=None, metavar="PATH",

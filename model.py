@@ -1,7 +1,8 @@
 """Show, Attend and Tell with a torchvision encoder and a two-layer attention LSTM.
 
-Encoder (ResNet-18..152 or Inception v3, average pool and classifier removed) -> adaptive pool to
-S x S -> P = S*S positions of C channels. Decoder: soft additive attention over the positions, a
+Encoder (ResNet-18..152 or Inception v3, average pool and classifier removed; or a small plain CNN
+for quick runs from random weights) -> adaptive pool to S x S -> P = S*S positions of C channels.
+Decoder: soft additive attention over the positions, a
 sigmoid gate on the attended context, stacked LSTM layers whose first layer reads the word embedding
 and the gated context, initial states from the mean feature, output projection to the vocabulary.
 Greedy and beam search are batched over images.
@@ -29,11 +30,12 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-ENCODERS = RESNETS + ("inception_v3", "features")
+SMALL_CNN = "small_cnn"
+ENCODERS = RESNETS + ("inception_v3", SMALL_CNN, "features")
 # Channels of the last feature map of each backbone.
 _CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
-             "inception_v3": 2048}
-_NATIVE_SIZE = {"inception_v3": 299}  # everything else: 224
+             "inception_v3": 2048, SMALL_CNN: 128}
+_NATIVE_SIZE = {"inception_v3": 299, SMALL_CNN: 64}  # everything else: 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # A download that cannot connect must fail, not hang (torch.hub's urlopen has no timeout).
@@ -51,7 +53,7 @@ class EncoderWeightsError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int                       # V, from the vocabulary
-    encoder: str = "resnet50"             # resnet18/34/50/101/152, inception_v3, or "features" (no CNN)
+    encoder: str = "resnet50"             # resnet18/34/50/101/152, inception_v3, small_cnn, or "features" (no CNN)
     pretrained: bool = True               # ImageNet weights through torchvision's weights API
     encoder_weights: str | None = None    # local torchvision state-dict file instead of the download
     encoded_size: int = 14                # adaptive pool of the feature map to S x S, P = S*S
@@ -76,6 +78,9 @@ class ModelConfig:
         if self.encoder != "features":
             # The backbone decides C; storing it keeps asdict(cfg) in a checkpoint self-describing.
             object.__setattr__(self, "feature_dim", _CHANNELS[self.encoder])
+        if self.encoder == SMALL_CNN and (self.pretrained or self.encoder_weights):
+            raise ValueError(f"--encoder {SMALL_CNN} has no pretrained weights; pass --no-pretrained "
+                             f"(and --fine_tune_encoder to train it)")
         if self.encoder_from_scratch is None:
             object.__setattr__(self, "encoder_from_scratch", not (self.pretrained or self.encoder_weights))
         if self.encoder == "features" and self.fine_tune_encoder:
@@ -200,30 +205,53 @@ def _load_weights_file(backbone: nn.Module, name: str, path: str) -> None:
     log.info("encoder %s: weights from %s", name, path)
 
 
+def _small_cnn() -> nn.Sequential:
+    """Three 3x3 stride-2 convolutions (32, 64, 128 channels) and a stride-1 one (128), each with
+    BatchNorm and ReLU: a 64 px image becomes an 8x8x128 map.
+
+    For quick runs from random weights (the demo preset). The demo needs a network that learns
+    shapes within minutes on a CPU: ResNet-18 from scratch does not (it sees colours and sizes,
+    not circle against square), and frozen random features plateau below the demo's target.
+    """
+    stages, channels = [], 3
+    for out, stride in ((32, 2), (64, 2), (128, 2), (_CHANNELS[SMALL_CNN], 1)):
+        stages.append(nn.Sequential(nn.Conv2d(channels, out, 3, stride, 1, bias=False), nn.BatchNorm2d(out),
+                                    nn.ReLU(inplace=True)))
+        channels = out
+    return nn.Sequential(*stages)
+
+
+def _torchvision_body(cfg: ModelConfig) -> tuple[nn.Sequential, int]:
+    """The backbone's stages up to the last feature map, and the first stage fine-tuning trains."""
+    name = cfg.encoder
+    backbone = _torchvision_model(name)
+    if cfg.encoder_weights:
+        _load_weights_file(backbone, name, cfg.encoder_weights)
+    elif cfg.pretrained:
+        backbone.load_state_dict(_download_state_dict(name), strict=False)
+    if name == "inception_v3":
+        names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
+                 "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
+                 "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+        tune_from = "Mixed_6a"
+    else:
+        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+        tune_from = "layer2"  # the last three stages, as in the reference tutorial
+    return nn.Sequential(*(getattr(backbone, n) for n in names)), names.index(tune_from)
+
+
 class Encoder(nn.Module):
-    """A torchvision backbone without pooling and classifier: images (B,3,H,W) -> feats (B,P,C)."""
+    """A CNN without pooling and classifier: images (B,3,H,W) -> feats (B,P,C)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         name = cfg.encoder
-        backbone = _torchvision_model(name)
-        if cfg.encoder_weights:
-            _load_weights_file(backbone, name, cfg.encoder_weights)
-        elif cfg.pretrained:
-            backbone.load_state_dict(_download_state_dict(name), strict=False)
-        if name == "inception_v3":
-            names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
-                     "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
-                     "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
-            tune_from = "Mixed_6a"
-        else:
-            names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-            tune_from = "layer2"  # the last three stages, as in the reference tutorial
+        # The small CNN has no pretrained weights (the config refuses them): every stage trains.
+        self.body, tune_from = (_small_cnn(), 0) if name == SMALL_CNN else _torchvision_body(cfg)
         self.name = name
-        self.body = nn.Sequential(*(getattr(backbone, n) for n in names))
         # Pretrained: the stem's generic filters stay. From scratch: there is nothing to keep.
         self.from_scratch = bool(cfg.encoder_from_scratch)
-        self._tune_from = 0 if self.from_scratch else names.index(tune_from)
+        self._tune_from = 0 if self.from_scratch else tune_from
         self.pool = nn.AdaptiveAvgPool2d(cfg.encoded_size)
         self.channels = _CHANNELS[name]
         self.fine_tune(cfg.fine_tune_encoder)
