@@ -1086,13 +1086,17 @@ class CaptionDataset(Dataset):
         self.vocab = vocab
         self.items = [(i, j) for i, r in enumerate(self.records) for j in range(len(r.tokens))]
         self.encoded = [[vocab.encode(t) for t in r.tokens] for r in self.records]
+        # The last input loaded: training groups an image's captions next to each other (one CNN
+        # pass per image), so they load, decode and transform the image once, not once per caption.
+        self._last: tuple[int, torch.Tensor | None] = (-1, None)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, k: int):
         i, j = self.items[k]
-        x = self.source.load(i)
+        x = self._last[1] if self._last[0] == i else self.source.load(i)
+        self._last = (i, x)
         if x is None:
             return None
         return x, torch.tensor(self.encoded[i][j], dtype=torch.long), i

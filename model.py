@@ -296,15 +296,20 @@ def image_transform(cfg: ModelConfig, train: bool) -> Callable:
     """PIL image -> normalised tensor (3, size, size), the preprocessing the encoder was built for.
 
     Training crops at random and jitters brightness/contrast very mildly; there is no horizontal
-    flip and no hue change, because captions name left/right and colours.
+    flip and no hue change, because captions name left/right and colours. The torchvision
+    backbones get torchvision's resize-then-crop (the ImageNet weights were made with it); the
+    small CNN, trained from scratch, sees the whole image, so nothing at the border is cut off, and
+    trains on copies shifted by up to 1/16 of the side instead.
     """
     from torchvision import transforms as T
 
     size = cfg.input_size
-    resize = round(size * 256 / 224)  # 256 for 224, 342 for 299: torchvision's own eval resize
+    whole = cfg.encoder == SMALL_CNN
+    resize = size if whole else round(size * 256 / 224)  # 256 for 224, 342 for 299: torchvision's eval resize
     steps: list = [T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True)]
     if train:
-        steps += [T.RandomCrop(size), T.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.05)]
+        shift = T.RandomCrop(size, padding=size // 16, padding_mode="edge") if whole else T.RandomCrop(size)
+        steps += [shift, T.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.05)]
     else:
         steps += [T.CenterCrop(size)]
     steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]

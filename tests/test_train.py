@@ -446,7 +446,7 @@ def test_demo_preset_fills_only_flags_the_user_left_alone(monkeypatch):
     assert cli.main(["--mode", "train", "--epochs", "3", "--decoder_dim", "64"]) == 0
     assert seen["train"].epochs == 3 and seen["model"].decoder_dim == 64  # the user's
     assert seen["train"].batch_size == train.DEMO_PRESET["batch_size"]  # the preset's
-    assert (seen["model"].encoder, seen["model"].pretrained) == ("resnet18", False)
+    assert (seen["model"].encoder, seen["model"].pretrained) == (train.DEMO_PRESET["encoder"], False)
     assert seen["model"].fine_tune_encoder == train.DEMO_PRESET["fine_tune_encoder"]
     assert seen["model"].encoder_proj_dim == train.DEMO_PRESET["encoder_proj_dim"]
     assert seen["data"].min_word_freq == 1
