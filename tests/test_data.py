@@ -251,6 +251,24 @@ def test_caption_batches_pad_and_skip_corrupt_images(kaggle_dir):
     assert ib.n_skipped == 1 and ib.image_idx.tolist() == [0, 2]
 
 
+def test_an_images_captions_load_it_once_when_next_to_each_other(kaggle_dir):
+    s = _load(kaggle_dir, split_sizes=(14, 3), min_word_freq=1)
+    calls = []
+
+    def counting(img):
+        calls.append(1)
+        return _to_tensor(img)
+
+    ds = du.CaptionDataset(s.train[:3], du.build_vocabulary(s, 1), transform=counting)
+    grouped = [ds[k] for k in range(len(ds))]                       # image 0's five, then image 1's...
+    assert len(calls) == 3
+    assert all(torch.equal(x, grouped[5 * i][0]) for k, (x, _, i) in enumerate(grouped))
+    assert [i for _, _, i in grouped] == [0] * 5 + [1] * 5 + [2] * 5
+    calls.clear()
+    [ds[k] for k in (0, 5, 1, 6)]                                   # interleaved: no reuse
+    assert len(calls) == 4
+
+
 def test_features_round_trip_and_feature_batches(kaggle_dir, tmp_path):
     s = _load(kaggle_dir, split_sizes=(14, 3), min_word_freq=1)
     names = [r.name for r in s.train]
