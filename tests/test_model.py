@@ -104,7 +104,8 @@ def test_flags_match_config_fields_and_help_states_the_real_defaults():
 
 # -- encoders -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "inception_v3"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "inception_v3",
+                                  "small_cnn"])
 def test_each_backbone_gives_finite_outputs_of_the_right_shape(name):
     torch.manual_seed(0)
     cfg = M.ModelConfig(vocab_size=30, encoder=name, pretrained=False, encoded_size=3,
@@ -199,6 +200,29 @@ def test_encoder_trained_from_scratch_trains_every_stage_with_batch_statistics()
     model.eval()
     assert not bn.training
     assert M.ModelConfig(vocab_size=30, encoder="resnet18").encoder_from_scratch is False
+
+
+def test_small_cnn_has_no_pretrained_weights_trains_whole_and_sees_the_whole_image():
+    from PIL import Image
+
+    for bad in ({}, {"pretrained": False, "encoder_weights": "w.pt"}):
+        with pytest.raises(ValueError, match="small_cnn has no pretrained weights; pass --no-pretrained"):
+            M.ModelConfig(vocab_size=30, encoder="small_cnn", **bad)
+    cfg = M.ModelConfig(vocab_size=30, encoder="small_cnn", pretrained=False, fine_tune_encoder=True,
+                        encoded_size=8, **TINY)
+    assert (cfg.input_size, cfg.feature_dim, cfg.encoder_from_scratch) == (64, 128, True)
+    model = M.build_model(cfg).train()
+    assert all(p.requires_grad for p in model.encoder.parameters())
+    images = torch.randn(4, 3, 64, 64)
+    captions, lengths = batch(B=4, T=5, V=30)
+    logits, alphas = model(images, captions, lengths)
+    M.caption_loss(logits, captions, lengths, alphas, 1.0)[0].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.body[0].parameters())
+    # A shape touching the border of a 128 px image stays whole: resized, never cropped.
+    image = Image.new("RGB", (128, 128), (128, 128, 128))
+    image.paste((255, 0, 0), (0, 0, 8, 128))                         # a red band at the left edge
+    x = M.image_transform(cfg, train=False)(image)                   # (3, 64, 64)
+    assert x.shape == (3, 64, 64) and (x[0, :, :3] > x[1, :, :3] + 1).all()
 
 
 # -- weights --------------------------------------------------------------------------------------
