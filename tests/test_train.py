@@ -216,6 +216,7 @@ def test_resume_with_another_model_names_the_fields(dataset, features_root, tmp_
     (["--device", "cuda"], "no CUDA GPU"),
     (["--amp", "fp16"], "--amp fp16 needs a CUDA device"),
     (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--encoder", "small_cnn", "--pretrained"], "--encoder small_cnn has no pretrained weights; pass --no-pretrained"),
 ])
 def test_bad_training_flags_are_one_line_errors(dataset, tmp_path, capsys, argv, message):
     base = ["--mode", "train", "--dataset_path", str(dataset), "--weights_dir", str(tmp_path),
