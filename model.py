@@ -904,15 +904,19 @@ def _word_gates(decoder: AttentionDecoder, lookups: int) -> Tensor | None:
 POSITIONS_LAST_BYTES = 32 << 20
 
 
-def _positions_last(feats: Tensor) -> Tensor | None:
-    """feats (N,P,D) -> (N,D,P), when decoding on CPU reads more features than fit in the cache; else None.
+def _positions_last(feats: Tensor, queries: int) -> Tensor | None:
+    """feats (N,P,D) -> (N,D,P), when beam search on CPU reads more features than fit in the cache; else None.
 
     alpha (K,P) @ feats (P,D) per image is a matrix product with K rows: streaming 100 images' features
     from memory, MKL ran it at ~1/2 the speed of feats^T (D,P) @ alpha^T (P,K) (1 thread, 100 x 5 beams:
     31.8 vs 52.7 ms per step; per-image 2-D copies make the transposed copy 79 ms once). With features in
     cache (a few images) the (N,P,D) product is faster (1 image: 0.17 vs 0.36 ms), so it stays.
+    With one query per image (greedy) the product is a matrix-vector product either way and the copy
+    does not pay (bench/bench_positions_last.py, 128 images, 2 threads: greedy decoding 1.67 s without
+    it, 2.10 s with it, medians of 5 alternated runs).
     """
-    if feats.device.type != "cpu" or feats.numel() * feats.element_size() <= POSITIONS_LAST_BYTES:
+    if (queries < 2 or feats.device.type != "cpu"
+            or feats.numel() * feats.element_size() <= POSITIONS_LAST_BYTES):
         return None
     out = feats.new_empty(feats.size(0), feats.size(2), feats.size(1))  # (N, D, P)
     for i in range(feats.size(0)):  # 2-D transposed copies take torch's blocked path (4x the 3-D copy)
@@ -920,13 +924,14 @@ def _positions_last(feats: Tensor) -> Tensor | None:
     return out
 
 
-def _start(model: CaptionModel, feats: Tensor
+def _start(model: CaptionModel, feats: Tensor, queries: int
            ) -> tuple[AttentionDecoder, Tensor | None, Tensor | None, Tensor, Tensor, Tensor]:
-    """-> decoder, feats (N,P,D) or None, feats_dp (N,D,P) or None (one of them), enc_proj, h, c (Y,N,1,H)."""
+    """queries: hypotheses per image (the beam size) ->
+    decoder, feats (N,P,D) or None, feats_dp (N,D,P) or None (one of them), enc_proj, h, c (Y,N,1,H)."""
     decoder = model.decoder
     feats = model.encode(feats) if feats.dim() == 4 else feats
     feats, enc_proj, h, c = decoder.prepare(feats)  # (N,P,D), (N,P,A), (Y,N,H)
-    feats_dp = _positions_last(feats)
+    feats_dp = _positions_last(feats, queries)
     if feats_dp is not None:
         feats = None
     return decoder, feats, feats_dp, enc_proj, h.unsqueeze(2), c.unsqueeze(2)
@@ -939,7 +944,7 @@ def greedy_decode(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: in
 
     feats (N,P,C) features (or images (N,3,H,W), encoded first) -> Decoded.
     """
-    decoder, feats, feats_dp, enc_proj, h, c = _start(model, feats)
+    decoder, feats, feats_dp, enc_proj, h, c = _start(model, feats, 1)
     N, P = enc_proj.size(0), enc_proj.size(1)
     out_tokens: list[list[int]] = [[] for _ in range(N)]
     out_scores = [0.0] * N
@@ -1023,7 +1028,7 @@ def beam_search(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: int,
     feats (N,P,C) features (or images (N,3,H,W), encoded first) -> Decoded.
     """
     K, lp = cfg.beam_size, cfg.length_penalty
-    decoder, feats, feats_dp, enc_proj, h, c = _start(model, feats)
+    decoder, feats, feats_dp, enc_proj, h, c = _start(model, feats, K)
     N, P = enc_proj.size(0), enc_proj.size(1)
     dev = enc_proj.device
     out_tokens: list[list[int]] = [[] for _ in range(N)]

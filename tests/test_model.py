@@ -497,9 +497,10 @@ def test_decoding_shortcuts_give_the_plain_step():
 def test_positions_last_copy_is_the_transpose_and_decodes_alike(monkeypatch):
     model = lively(features_model())
     feats = random_feats(5)
-    assert M._positions_last(feats) is None  # small: the (N,P,D) product stays
+    assert M._positions_last(feats, 3) is None  # small: the (N,P,D) product stays
     monkeypatch.setattr(M, "POSITIONS_LAST_BYTES", 0)
-    torch.testing.assert_close(M._positions_last(feats), feats.transpose(1, 2))
+    torch.testing.assert_close(M._positions_last(feats, 3), feats.transpose(1, 2))
+    assert M._positions_last(feats, 1) is None  # one query per image (greedy): the copy does not pay
     cfg = M.DecodeConfig(beam_size=3, max_len=10)
     monkeypatch.setattr(M, "POSITIONS_LAST_BYTES", 1 << 40)
     plain = M.beam_search(model, feats, cfg=cfg, **IDS)
