@@ -783,15 +783,6 @@ class AttentionDecoder(nn.Module):
             inputs = [x.to(dtype).contiguous() for x in (feats, enc_proj, h0, c0, emb_gates)]
             return _Recurrence.apply(plan, *inputs, *weights)
 
-    def _scatter_outputs(self, outs: list[Tensor], att: list[Tensor], order: Tensor, feats: Tensor,
-                         T: int) -> tuple[Tensor, Tensor]:
-        """Per-step outputs of shrinking size -> padded (B,T-1,.) in input order; fc on real steps only."""
-        if not outs:
-            return self._scatter_packed(feats.new_zeros(0, self.cfg.decoder_dim), feats.new_zeros(0, feats.size(1)),
-                                        [], order, feats.size(0), T)
-        return self._scatter_packed(torch.cat(outs), torch.cat(att), [x.size(0) for x in outs], order,
-                                    feats.size(0), T)
-
     def _scatter_packed(self, hidden: Tensor, alphas: Tensor, sizes: list[int], order: Tensor, B: int,
                         T: int) -> tuple[Tensor, Tensor]:
         """Step-major hidden (R,H), alphas (R,P) of b_t rows per step -> padded (B,T-1,.) in input order."""

@@ -79,7 +79,7 @@ def textbook_forward(dec: M.AttentionDecoder, feats: torch.Tensor, captions: tor
         h, c = dec.lstm(emb_gates[:b, t], context.squeeze(1), h, c)
         outs.append(h[-1])
         att.append(alpha.squeeze(1))
-    return dec._scatter_outputs(outs, att, order, feats, T)
+    return dec._scatter_packed(torch.cat(outs), torch.cat(att), [x.size(0) for x in outs], order, B, T)
 
 
 def train_step(model, forward, opt, batch, alpha_c: float) -> float:
