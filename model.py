@@ -333,6 +333,89 @@ def image_transform(cfg: ModelConfig, train: bool) -> Callable:
 # (w . relu(e + q) = w . (e + q) where it is positive: dw = sum(S * e) + sum_t u_t . q_t, u_t the
 # per-step sum of S's increment over positions, which dE/dq_t needs anyway).
 
+# The attention's elementwise work, w . relu(e + q) over (rows, P, A), is memory bound in eager
+# PyTorch: each op writes a (b, P, A) tensor (12.8 MB at batch 32, 196 x 512) that the next one reads
+# back, and the backward accumulates a fourth one at every step. torch.compile (inductor) turns each
+# kernel below into one C++/OpenMP loop that reads e once and writes only its small result; the
+# backward keeps each step's dE/de (b, P) instead of accumulating over (B, P, A), and one pass at the
+# end sums them into dE/de. Measured on 2 cores, 32 x 196 x 512: energies 0.65 vs 3.5 ms per step,
+# query gradient 0.8 vs ~2.5 ms (bench/bench_decoder.py measures the whole step).
+
+def _energy_kernel(enc: Tensor, neg_q: Tensor, w: Tensor) -> Tensor:
+    """sum_a w_a max(e_a, -q_a): enc (..., P, A), neg_q (..., 1, A) broadcast -> (..., P).
+
+    w . relu(e + q) = w . max(e, -q) + w . q; the caller adds w . q (one value per query).
+    """
+    return (torch.maximum(enc, neg_q) * w).sum(-1)
+
+
+def _query_grad_kernel(enc: Tensor, q: Tensor, de: Tensor) -> Tensor:
+    """u = sum_p dE/dE_p [e_p + q > 0]: enc (b,P,A), q (b,1,A), de (b,P,1) -> (b,A)."""
+    return torch.where(enc + q > 0, de, 0.0).sum(1)
+
+
+def _enc_grad_kernel(enc: Tensor, q: Tensor, de: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """S = sum_t dE/dE_t [e + q_t > 0] -> dE/de = S * w (B,P,A) and sum(S * e) (A,), dE/dw's share of e.
+
+    enc (B,1,P,A), q (B,T,1,A), de (B,T,P,1); padded steps have de = 0.
+    """
+    S = torch.where(enc + q > 0, de, 0.0).sum(1)  # (B, P, A)
+    return S * w, (S * enc.squeeze(1)).sum((0, 1))
+
+
+_KERNELS = {"energy": _energy_kernel, "query_grad": _query_grad_kernel, "enc_grad": _enc_grad_kernel}
+
+
+class FusedAttention:
+    """The kernels above compiled by torch.compile, once per process, for CPU tensors of at least
+    min_elements (rows x P x A; below that eager ops are fast enough and a compile, seconds, does
+    not pay: one image's beam search runs eagerly).
+
+    The first use compiles each kernel on small inputs and checks it against the eager function; if
+    compiling fails (no C++ compiler, an unsupported platform) or disagrees, a warning says so once
+    and the eager path runs from then on. enabled = False turns the kernels off (tests compare the
+    two paths). CUDA keeps the eager path: not measured there.
+    """
+
+    enabled = True
+    min_elements = 1 << 20
+    _kernels: dict[str, Callable] | None = None
+    _failed = False
+
+    @classmethod
+    def get(cls, elements: int, device: torch.device) -> dict[str, Callable] | None:
+        if not cls.enabled or cls._failed or device.type != "cpu" or elements < cls.min_elements:
+            return None
+        if cls._kernels is None:
+            cls._kernels = cls._compile()
+        return cls._kernels
+
+    @classmethod
+    def _compile(cls) -> dict[str, Callable] | None:
+        g = torch.Generator().manual_seed(0)
+        enc = torch.randn(3, 5, 8, generator=g)  # (b, P, A)
+        q = torch.randn(3, 1, 8, generator=g)
+        de = torch.randn(3, 5, 1, generator=g)
+        w = torch.randn(8, generator=g)
+        q_t, de_t = torch.randn(3, 4, 1, 8, generator=g), torch.randn(3, 4, 5, 1, generator=g)
+        probes = {"energy": (enc, q.neg(), w), "query_grad": (enc, q, de),
+                  "enc_grad": (enc.unsqueeze(1), q_t, de_t, w)}
+        kernels = {}
+        try:
+            for name, fn in _KERNELS.items():
+                kernels[name] = torch.compile(fn, dynamic=True)
+                with torch.no_grad():
+                    got, want = kernels[name](*probes[name]), fn(*probes[name])
+                for a, b in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        except Exception as exc:  # a missing compiler, an inductor bug, a wrong result: all mean "eager"
+            log.warning("fused attention kernels unavailable (%s: %s); using eager attention ops",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            cls._failed = True
+            return None
+        return kernels
+
+
 class _Plan:
     """Sizes of one teacher-forcing pass: b_t captions still running at step t, dropout, attention dim."""
 
@@ -344,6 +427,7 @@ class _Plan:
         self.dropout = dropout
         self.A = attention_dim
         self.release: Callable[[], None] | None = None  # called once, when the backward is done
+        self.fused: dict[str, Callable] | None = None  # FusedAttention kernels, or None: eager ops
 
     def rows(self, t: int) -> slice:
         return slice(self.offs[t], self.offs[t] + self.sizes[t])
@@ -379,6 +463,30 @@ def _lstm_cell_backward_(gates: Tensor, c_prev: Tensor, tanh_c: Tensor, dh: Tens
     dc.mul_(f)
 
 
+def _sum_enc_grad(fused: dict[str, Callable], plan: _Plan, enc: Tensor, att_q: Tensor, d_energy: Tensor,
+                  w: Tensor, group: int = 8) -> tuple[Tensor, Tensor]:
+    """dE/de (B,P,A) and sum(S * e) (A,) from the steps' queries att_q (R,A) and dE/dE d_energy (R,P).
+
+    The kernel runs over (caption, step) padded to the longest caption of each group of `group`
+    captions (sorted by length, so little padding), not over all captions x the longest.
+    """
+    B, P, A = enc.shape
+    T = len(plan.sizes)
+    index = torch.cat([torch.arange(b, device=enc.device) * T + t for t, b in enumerate(plan.sizes)])  # (R,)
+    q_pad = att_q.new_zeros(B * T, A).index_copy_(0, index, att_q).view(B, T, A)
+    de_pad = d_energy.new_zeros(B * T, P).index_copy_(0, index, d_energy).view(B, T, P)
+    d_enc = enc.new_empty(B, P, A)
+    d_w = w.new_zeros(A)
+    for g0 in range(0, B, group):
+        g1 = min(B, g0 + group)
+        steps = sum(1 for b in plan.sizes if b > g0)  # of the group's longest caption
+        part, dw = fused["enc_grad"](enc[g0:g1].unsqueeze(1), q_pad[g0:g1, :steps].unsqueeze(2).contiguous(),
+                                     de_pad[g0:g1, :steps].unsqueeze(-1).contiguous(), w)
+        d_enc[g0:g1] = part
+        d_w += dw
+    return d_enc, d_w
+
+
 class _Recurrence(torch.autograd.Function):
     """The teacher-forcing loop of AttentionDecoder (sorted captions, shrinking batch) as one node.
 
@@ -403,9 +511,11 @@ class _Recurrence(torch.autograd.Function):
         acts = [new(R, G) for _ in range(Y)]  # activated gates
         cs, tanh_cs, hs = ([new(R, H) for _ in range(Y)] for _ in range(3))
         masks = [new(R, H) for _ in range(Y - 1)] if p > 0 else None  # dropout masks (scaled)
-        hidden = new(B, P, A)  # max(e, -q), reused by every step
+        fused = plan.fused
+        hidden = None if fused else new(B, P, A)  # max(e, -q), reused by every step
         energy = new(B, P)
         w = w_att.view(-1)  # (A,)
+        enc_d, w_d = enc.detach(), w.detach()  # kernels get plain tensors (no grad-flag guards to recompile)
         for t, b in enumerate(plan.sizes):
             r = plan.rows(t)
             rp = plan.prev_rows(t) if t else None
@@ -414,9 +524,12 @@ class _Recurrence(torch.autograd.Function):
             hq[r] = h_prev[-1]
             qr = torch.addmm(bq, hq[r], wq.t(), out=q[r])  # (b, A+D)
             att_q = qr[:, :A]  # (b, A)
-            # w . relu(e + q) = w . max(e, -q) + w . q: one pass over (b, P, A) into the reused buffer.
-            torch.maximum(enc[:b], att_q.neg().unsqueeze(1), out=hidden[:b])  # (b, P, A)
-            e = torch.matmul(hidden[:b], w, out=energy[:b])  # (b, P)
+            # w . relu(e + q) = w . max(e, -q) + w . q: one pass over (b, P, A).
+            if fused:
+                e = fused["energy"](enc_d[:b], att_q.neg().unsqueeze(1), w_d)  # (b, P)
+            else:
+                torch.maximum(enc[:b], att_q.neg().unsqueeze(1), out=hidden[:b])  # (b, P, A)
+                e = torch.matmul(hidden[:b], w, out=energy[:b])  # (b, P)
             e.add_((att_q @ w).unsqueeze(1))
             torch.ops.aten._softmax.out(e, -1, False, out=alpha[r])  # (b, P)
             torch.bmm(alpha[r].unsqueeze(1), feats[:b], out=ctx_raw[r].unsqueeze(1))  # (b, 1, D)
@@ -457,7 +570,12 @@ class _Recurrence(torch.autograd.Function):
         dq = q.new_empty(R, A + D)
         dgates = [acts[0].new_empty(R, 4 * H) for _ in range(Y)]
         u = q.new_empty(R, A)  # per step: sum over positions of dE/de / w
-        S = enc.new_zeros(B, P, A)  # sum over steps of dE/d(e + q) / w
+        fused = plan.fused
+        if fused:
+            d_energy = alpha.new_empty(R, P)  # per step dE/dE; dE/de is summed from them at the end
+            enc_d = enc.detach()
+        else:
+            S = enc.new_zeros(B, P, A)  # sum over steps of dE/d(e + q) / w
         d_feats = feats.new_zeros(feats.shape) if ctx.needs_input_grad[1] else None
         for t in range(len(plan.sizes) - 1, -1, -1):
             b = plan.sizes[t]
@@ -488,14 +606,22 @@ class _Recurrence(torch.autograd.Function):
             if d_feats is not None:
                 d_feats[:b].baddbmm_(a.unsqueeze(2), d_raw.unsqueeze(1))  # (b, P, D)
             de = (da - (da * a).sum(-1, keepdim=True)).mul_(a)  # softmax backward, (b, P)
-            pre = torch.add(enc[:b], q[r, :A].unsqueeze(1), out=work[:b])  # (b, P, A)
-            masked = torch.ops.aten.threshold_backward.grad_input(de.unsqueeze(-1), pre, 0, grad_input=pre)
-            S[:b].add_(masked)
-            torch.sum(masked, dim=1, out=u[r])  # (b, A)
+            if fused:
+                d_energy[r] = de
+                u[r] = fused["query_grad"](enc_d[:b], q[r, :A].unsqueeze(1).contiguous(), de.unsqueeze(-1))
+            else:
+                pre = torch.add(enc[:b], q[r, :A].unsqueeze(1), out=work[:b])  # (b, P, A)
+                masked = torch.ops.aten.threshold_backward.grad_input(de.unsqueeze(-1), pre, 0, grad_input=pre)
+                S[:b].add_(masked)
+                torch.sum(masked, dim=1, out=u[r])  # (b, A)
             torch.mul(u[r], w, out=dq[r, :A])
             dh[-1, :b].addmm_(dq[r], wq)  # the query read the top h of the step before
-        d_w = (torch.mul(S, enc, out=work).sum((0, 1)) + (u * q[:, :A]).sum(0)).view_as(w_att)
-        d_enc = S.mul_(w)  # (B, P, A)
+        if fused:
+            d_enc, d_w = _sum_enc_grad(fused, plan, enc_d, q[:, :A], d_energy, w.detach())
+        else:
+            d_w = torch.mul(S, enc, out=work).sum((0, 1))
+            d_enc = S.mul_(w)  # (B, P, A)
+        d_w = (d_w + (u * q[:, :A]).sum(0)).view_as(w_att)
         d_upper = []
         for y in range(1, Y):
             d_upper += [dgates[y].t() @ xs[y], dgates[y].sum(0)]
@@ -514,8 +640,8 @@ class AttentionDecoder(nn.Module):
     projection run once for all steps as large matrix products; teacher forcing sorts captions by
     length and shrinks the batch to the captions still running, and with grad runs the loop as one
     autograd node with a hand-written backward through time (_Recurrence); decoding computes the
-    query and first-layer products once per parent beam and, for large batches, reads the features
-    with positions last (_positions_last).
+    query and first-layer products once per parent beam; large batches compute the attention
+    energies with compiled kernels (FusedAttention).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -602,6 +728,10 @@ class AttentionDecoder(nn.Module):
         N, P, A = enc_proj.shape
         K = att_q.size(1)
         w = self.full_att.weight.view(-1)  # (A,)
+        fused = FusedAttention.get(N * K * P * A, enc_proj.device)
+        if fused:  # one pass over e per step, nothing of (N, K, P, A) written
+            out = fused["energy"](enc_proj.unsqueeze(1), att_q.neg().unsqueeze(2), w.detach())  # (N, K, P)
+            return out.add_((att_q @ w).unsqueeze(-1))
         per_chunk = min(N, max(1, self.energy_chunk * torch.get_num_threads() // (K * P * A)))
         buf = enc_proj.new_empty(per_chunk, K, P, A)
         out = enc_proj.new_empty(N, K, P)
@@ -637,17 +767,15 @@ class AttentionDecoder(nn.Module):
             new_c.append(cl)
         return new_h, new_c
 
-    def step(self, words: Tensor, feats: Tensor | None, enc_proj: Tensor, h: Tensor, c: Tensor,
-             word_gates: Tensor | None = None, feats_dp: Tensor | None = None,
-             shared: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def step(self, words: Tensor, feats: Tensor, enc_proj: Tensor, h: Tensor, c: Tensor,
+             word_gates: Tensor | None = None, shared: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One decoding step for K hypotheses per image.
 
         words (N,K), feats (N,P,D), enc_proj (N,P,A), h/c (Y,N,K,H), word_gates (V,G) or None: the
-        embedding's share of the first layer's gates for every word (see _word_gates); feats_dp
-        (N,D,P) or None: the features with positions last, read instead of feats (see
-        _positions_last; feats may then be None); shared: (first (U,), inverse (N*K,)) when hypotheses
-        continue the same beam (equal h and c): the products that depend only on the state run for
-        one row of each (see _shared_rows) -> log_probs (N,K,V), alpha (N,K,P), h, c (Y,N,K,H).
+        embedding's share of the first layer's gates for every word (see _word_gates); shared:
+        (first (U,), inverse (N*K,)) when hypotheses continue the same beam (equal h and c): the
+        products that depend only on the state run for one row of each (see _shared_rows)
+        -> log_probs (N,K,V), alpha (N,K,P), h, c (Y,N,K,H).
         """
         N, K = words.shape
         if word_gates is None:
@@ -660,13 +788,13 @@ class AttentionDecoder(nn.Module):
             h = torch.stack(hs).view(-1, N, K, hs[0].size(-1))  # (Y, N, K, H)
             c = torch.stack(cs).view(-1, N, K, cs[0].size(-1))  # (Y, N, K, H)
         else:
-            alpha, h, c = self._step_states(emb_gates, feats, feats_dp, enc_proj, h, c, shared)
+            alpha, h, c = self._step_states(emb_gates, feats, enc_proj, h, c, shared)
         logits = self.fc(h[-1].reshape(N * K, -1))  # (N*K, V)
         log_probs = torch.log_softmax(logits, dim=-1).view(N, K, -1)  # (N, K, V)
         return log_probs, alpha, h, c
 
-    def _step_states(self, emb_gates: Tensor, feats: Tensor | None, feats_dp: Tensor | None, enc_proj: Tensor,
-                     h: Tensor, c: Tensor, shared: tuple[Tensor, Tensor] | None = None
+    def _step_states(self, emb_gates: Tensor, feats: Tensor, enc_proj: Tensor, h: Tensor, c: Tensor,
+                     shared: tuple[Tensor, Tensor] | None = None
                      ) -> tuple[Tensor, Tensor, Tensor]:
         """attend() and lstm() of step() without grad, writing into fresh state tensors instead of
         concatenating and stacking (a 500-row step copied ~10 MB that way). -> alpha (N,K,P), h, c (Y,N,K,H)."""
@@ -679,10 +807,7 @@ class AttentionDecoder(nn.Module):
             q = self.query(h[-1].reshape(M, H).index_select(0, first)).index_select(0, inverse).view(N, K, -1)
         att_q, gate = q.split([A, D], dim=-1)  # (N,K,A), (N,K,D)
         alpha = torch.softmax(self._energies_chunked(enc_proj, att_q), dim=-1)  # (N, K, P)
-        if feats_dp is not None:
-            raw = torch.bmm(feats_dp, alpha.transpose(1, 2)).transpose(1, 2)  # (N, K, D)
-        else:
-            raw = torch.bmm(alpha, feats)  # (N, K, D)
+        raw = torch.bmm(alpha, feats)  # (N, K, D)
         x = h.new_empty(N, K, D + H)  # [context, h of layer 1]
         torch.mul(raw, torch.sigmoid(gate), out=x[..., :D])
         x[..., D:] = h[0]
@@ -779,6 +904,7 @@ class AttentionDecoder(nn.Module):
             weights += [lin.weight, lin.bias]
         plan = _Plan(sizes, self.dropout if self.training else 0.0, self.cfg.attention_dim)
         plan.release = release
+        plan.fused = FusedAttention.get(feats.size(0) * feats.size(1) * self.cfg.attention_dim, feats.device)
         with torch.autocast(feats.device.type, enabled=False):
             inputs = [x.to(dtype).contiguous() for x in (feats, enc_proj, h0, c0, emb_gates)]
             return _Recurrence.apply(plan, *inputs, *weights)
@@ -890,42 +1016,12 @@ def _word_gates(decoder: AttentionDecoder, lookups: int) -> Tensor | None:
     return decoder.emb_gates(decoder.embedding.weight)  # (V, G)
 
 
-# Features of more bytes than this are read with positions last by the context product (see
-# _positions_last); about the size of the last-level cache of the CPUs we measured on.
-POSITIONS_LAST_BYTES = 32 << 20
-
-
-def _positions_last(feats: Tensor, queries: int) -> Tensor | None:
-    """feats (N,P,D) -> (N,D,P), when beam search on CPU reads more features than fit in the cache; else None.
-
-    alpha (K,P) @ feats (P,D) per image is a matrix product with K rows: streaming 100 images' features
-    from memory, MKL ran it at ~1/2 the speed of feats^T (D,P) @ alpha^T (P,K) (1 thread, 100 x 5 beams:
-    31.8 vs 52.7 ms per step; per-image 2-D copies make the transposed copy 79 ms once). With features in
-    cache (a few images) the (N,P,D) product is faster (1 image: 0.17 vs 0.36 ms), so it stays.
-    With one query per image (greedy) the product is a matrix-vector product either way and the copy
-    does not pay (bench/bench_positions_last.py, 128 images, 2 threads: greedy decoding 1.67 s without
-    it, 2.10 s with it, medians of 5 alternated runs).
-    """
-    if (queries < 2 or feats.device.type != "cpu"
-            or feats.numel() * feats.element_size() <= POSITIONS_LAST_BYTES):
-        return None
-    out = feats.new_empty(feats.size(0), feats.size(2), feats.size(1))  # (N, D, P)
-    for i in range(feats.size(0)):  # 2-D transposed copies take torch's blocked path (4x the 3-D copy)
-        out[i].copy_(feats[i].t())
-    return out
-
-
-def _start(model: CaptionModel, feats: Tensor, queries: int
-           ) -> tuple[AttentionDecoder, Tensor | None, Tensor | None, Tensor, Tensor, Tensor]:
-    """queries: hypotheses per image (the beam size) ->
-    decoder, feats (N,P,D) or None, feats_dp (N,D,P) or None (one of them), enc_proj, h, c (Y,N,1,H)."""
+def _start(model: CaptionModel, feats: Tensor) -> tuple[AttentionDecoder, Tensor, Tensor, Tensor, Tensor]:
+    """-> decoder, feats (N,P,D), enc_proj (N,P,A), h, c (Y,N,1,H)."""
     decoder = model.decoder
     feats = model.encode(feats) if feats.dim() == 4 else feats
     feats, enc_proj, h, c = decoder.prepare(feats)  # (N,P,D), (N,P,A), (Y,N,H)
-    feats_dp = _positions_last(feats, queries)
-    if feats_dp is not None:
-        feats = None
-    return decoder, feats, feats_dp, enc_proj, h.unsqueeze(2), c.unsqueeze(2)
+    return decoder, feats, enc_proj, h.unsqueeze(2), c.unsqueeze(2)
 
 
 @torch.inference_mode()
@@ -935,7 +1031,7 @@ def greedy_decode(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: in
 
     feats (N,P,C) features (or images (N,3,H,W), encoded first) -> Decoded.
     """
-    decoder, feats, feats_dp, enc_proj, h, c = _start(model, feats, 1)
+    decoder, feats, enc_proj, h, c = _start(model, feats)
     N, P = enc_proj.size(0), enc_proj.size(1)
     out_tokens: list[list[int]] = [[] for _ in range(N)]
     out_scores = [0.0] * N
@@ -947,7 +1043,7 @@ def greedy_decode(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: in
     scores = enc_proj.new_zeros(N)  # (n,)
     word_gates = _word_gates(decoder, N * cfg.max_len)  # (V, G) or None
     for t in range(cfg.max_len):
-        log_probs, alpha, h, c = decoder.step(words, feats, enc_proj, h, c, word_gates, feats_dp)  # (n,1,V), (n,1,P)
+        log_probs, alpha, h, c = decoder.step(words, feats, enc_proj, h, c, word_gates)  # (n,1,V), (n,1,P)
         log_probs = _mask_log_probs(log_probs, history, sos_id=sos_id, unk_id=unk_id, cfg=cfg)
         best, words = log_probs.topk(1, dim=-1)  # (n,1,1): topk, as beam search, so ties break alike
         words = words.squeeze(-1)  # (n, 1)
@@ -970,8 +1066,8 @@ def greedy_decode(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: in
             keep = (~done).nonzero().view(-1)  # (n',)
             if keep.numel() == 0:
                 break
-            live, words, history, alpha_hist, scores, feats, feats_dp, enc_proj = _select(
-                keep, live, words, history, alpha_hist, scores, feats, feats_dp, enc_proj)
+            live, words, history, alpha_hist, scores, feats, enc_proj = _select(
+                keep, live, words, history, alpha_hist, scores, feats, enc_proj)
             h, c = _select(keep, h, c, dim=1)
     return Decoded(out_tokens, out_scores, out_alphas)
 
@@ -1019,7 +1115,7 @@ def beam_search(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: int,
     feats (N,P,C) features (or images (N,3,H,W), encoded first) -> Decoded.
     """
     K, lp = cfg.beam_size, cfg.length_penalty
-    decoder, feats, feats_dp, enc_proj, h, c = _start(model, feats, K)
+    decoder, feats, enc_proj, h, c = _start(model, feats)
     N, P = enc_proj.size(0), enc_proj.size(1)
     dev = enc_proj.device
     out_tokens: list[list[int]] = [[] for _ in range(N)]
@@ -1043,8 +1139,7 @@ def beam_search(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: int,
     for t in range(cfg.max_len):
         n, k = words.shape
         shared = _shared_rows(parents[-1]) if parents else None
-        log_probs, alpha, h, c = decoder.step(words, feats, enc_proj, h, c, word_gates, feats_dp,
-                                              shared)  # (n,k,V), (n,k,P), (Y,n,k,H)
+        log_probs, alpha, h, c = decoder.step(words, feats, enc_proj, h, c, word_gates, shared)  # (n,k,V), (n,k,P), (Y,n,k,H)
         alphas.append(alpha)
         log_probs = _mask_log_probs(log_probs, history, sos_id=sos_id, unk_id=unk_id, cfg=cfg)
         V = log_probs.size(-1)
@@ -1111,8 +1206,8 @@ def beam_search(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: int,
             if keep.numel() == 0:
                 break
             (live, words, scores, history, best_score, best_tokens, best_len, best_alpha, n_ended,
-             feats, feats_dp, enc_proj) = _select(keep, live, words, scores, history, best_score, best_tokens,
-                                                  best_len, best_alpha, n_ended, feats, feats_dp, enc_proj)
+             feats, enc_proj) = _select(keep, live, words, scores, history, best_score, best_tokens,
+                                        best_len, best_alpha, n_ended, feats, enc_proj)
             alphas, parents = _select(keep, *alphas), _select(keep, *parents)
             h, c = _select(keep, h, c, dim=1)
     return Decoded(out_tokens, out_scores, out_alphas)

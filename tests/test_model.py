@@ -475,11 +475,8 @@ def test_decoding_shortcuts_give_the_plain_step():
             fast = dec.step(words, feats, enc, h, c, table)
         finally:
             dec.energy_chunk = old_chunk
-        # Features with positions last (what large batches read): the same step, feats not needed.
-        fast_dp = dec.step(words, None, enc, h, c, table, feats_dp=feats.transpose(1, 2).contiguous())
-    for a, b, d in zip(plain, fast, fast_dp):
+    for a, b in zip(plain, fast):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(d, b, rtol=1e-5, atol=1e-6)
     # Hypotheses continuing the same beam (equal states): the shared products run once per parent.
     parent = torch.tensor([[0, 0, 1], [2, 2, 2], [0, 1, 2], [1, 0, 1], [0, 0, 0]])  # (N, K)
     shared = M._shared_rows(parent)
@@ -494,25 +491,75 @@ def test_decoding_shortcuts_give_the_plain_step():
     assert M._shared_rows(torch.tensor([[0, 1, 2]])) is None
 
 
-def test_positions_last_copy_is_the_transpose_and_decodes_alike(monkeypatch):
+@pytest.fixture
+def fused_everywhere(monkeypatch):
+    """FusedAttention for tensors of any size (the tiny test model is far below the threshold)."""
+    monkeypatch.setattr(M.FusedAttention, "min_elements", 0)
+    monkeypatch.setattr(M.FusedAttention, "enabled", True)
+    if M.FusedAttention.get(1, torch.device("cpu")) is None:  # a compile failure is a test failure here
+        pytest.fail("torch.compile could not build the fused attention kernels on this machine")
+
+
+def test_fused_attention_kernels_give_the_eager_gradients(fused_everywhere, monkeypatch):
+    # The compiled energies, query gradient and end-of-backward sum over steps against the eager
+    # ops they replace, with dropout, 3 layers and gradients reaching the features (fine-tuning).
+    model = features_model(num_layers=3, dropout=0.3).train()
+    feats = random_feats(5).requires_grad_()
+    captions, lengths = batch(B=5, T=9)
+    runs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(M.FusedAttention, "enabled", enabled)
+        model.zero_grad()
+        feats.grad = None
+        torch.manual_seed(7)
+        logits, alphas = model(feats, captions, lengths)
+        M.caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)[0].backward()
+        runs.append({"logits": logits.detach(), "alphas": alphas.detach(), "feats": feats.grad.clone(),
+                     **{n: p.grad.clone() for n, p in model.named_parameters()}})
+    for name in runs[1]:
+        torch.testing.assert_close(runs[0][name], runs[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert runs[0]["decoder.enc_att.weight"].abs().sum() > 0
+
+
+def test_fused_attention_decodes_as_the_eager_path(fused_everywhere, monkeypatch):
     model = lively(features_model())
     feats = random_feats(5)
-    assert M._positions_last(feats, 3) is None  # small: the (N,P,D) product stays
-    monkeypatch.setattr(M, "POSITIONS_LAST_BYTES", 0)
-    torch.testing.assert_close(M._positions_last(feats, 3), feats.transpose(1, 2))
-    assert M._positions_last(feats, 1) is None  # one query per image (greedy): the copy does not pay
     cfg = M.DecodeConfig(beam_size=3, max_len=10)
-    monkeypatch.setattr(M, "POSITIONS_LAST_BYTES", 1 << 40)
-    plain = M.beam_search(model, feats, cfg=cfg, **IDS)
-    monkeypatch.setattr(M, "POSITIONS_LAST_BYTES", 0)
-    for fn in (M.beam_search, M.greedy_decode):
-        out = fn(model, feats, cfg=cfg, **IDS)
-        ref = plain if fn is M.beam_search else None
-        if ref is not None:
-            assert out.tokens == ref.tokens
-            assert out.scores == pytest.approx(ref.scores, abs=1e-5)
-        check_decoded(out, 5, 10)
+    out = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(M.FusedAttention, "enabled", enabled)
+        out[enabled] = (M.beam_search(model, feats, cfg=cfg, **IDS), M.greedy_decode(model, feats, cfg=cfg, **IDS))
+    for fused, eager in zip(out[True], out[False]):
+        assert fused.tokens == eager.tokens
+        assert fused.scores == pytest.approx(eager.scores, abs=1e-5)
+        for a, b in zip(fused.alphas, eager.alphas):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
+
+def test_fused_attention_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog):
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nsecond line of the story")
+
+    monkeypatch.setattr(M.FusedAttention, "_kernels", None)
+    monkeypatch.setattr(M.FusedAttention, "_failed", False)
+    monkeypatch.setattr(M.FusedAttention, "min_elements", 0)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with caplog.at_level("WARNING", logger="model"):
+        assert M.FusedAttention.get(10, torch.device("cpu")) is None
+        assert M.FusedAttention.get(10, torch.device("cpu")) is None  # warned once, then eager
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["fused attention kernels unavailable (RuntimeError: no C++ compiler found); "
+                        "using eager attention ops"]
+    model = lively(features_model())  # and the model still trains and decodes
+    captions, lengths = batch()
+    logits, alphas = model(random_feats(4), captions, lengths)
+    M.caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)[0].backward()
+    check_decoded(M.beam_search(model, random_feats(3), cfg=M.DecodeConfig(beam_size=2, max_len=6), **IDS), 3, 6)
+
+
+def test_fused_attention_stays_off_for_small_tensors_and_cuda():
+    assert M.FusedAttention.get(M.FusedAttention.min_elements - 1, torch.device("cpu")) is None
+    assert M.FusedAttention.get(1 << 30, torch.device("cuda")) is None
 
 def test_a_wide_beam_finds_the_exhaustive_best_caption():
     # Vocabulary of 3 words + specials, at most 3 tokens: a beam of 64 keeps every hypothesis.
