@@ -91,6 +91,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, default=None, help="dropout in the decoder [0.5]")
     g.add_argument("--alpha_c", type=float, default=None,
                    help="weight of the doubly stochastic attention regularisation [1.0]")
+    g.add_argument("--fused_attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="on CPU, compile the attention's elementwise work with torch.compile for large batches "
+                        "(a few seconds once per process; falls back to eager ops if compiling fails) "
+                        "[on for train and eval, off for test]")
     g = parser.add_argument_group("decoding")
     g.add_argument("--beam_size", type=int, default=None, help="beam width; 1 = greedy [5]")
     g.add_argument("--max_len", type=int, default=None, help="most tokens generated per caption [35]")
@@ -207,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _set_fused_attention(args: argparse.Namespace) -> None:
+    """Captioning a few photos (test) does not pay for a compile; training and evaluation do."""
+    import model
+
+    on = args.fused_attention if args.fused_attention is not None else args.mode != "test"
+    model.FusedAttention.enabled = on
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.mode == "train" and args.dry_run:
         import json
@@ -220,6 +232,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         import model
         import test
 
+        _set_fused_attention(args)
+
         if not args.image_path:
             raise ValueError("--mode test needs --image_path FILE_OR_FOLDER [...]")
         test.run_test(args.image_path, args.checkpoint, _config(model.DecodeConfig, args),
@@ -231,6 +245,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         import model
         import test_eval
 
+        _set_fused_attention(args)
         test_eval.run_evaluation(
             args.checkpoint, _config(data_utils.DataConfig, args), _config(model.DecodeConfig, args),
             split=args.split, features_dir=args.features_dir, batch_size=args.batch_size or 32,
@@ -244,6 +259,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         import model
         import train
 
+        _set_fused_attention(args)
         if args.mode == "train" and train.is_demo(_config(data_utils.DataConfig, args)):
             # The demo preset fills every field whose flag the user left at its default.
             defaults = vars(build_parser().parse_args([]))

@@ -159,7 +159,10 @@ def main(argv=None) -> int:
                    help="time the model with this 1x1 channel projection (0: off, the reference model)")
     p.add_argument("--untaped", action="store_true",
                    help="also time the fast loop without gradient tapes (untaped_train_captions_per_s)")
+    p.add_argument("--fused_attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="compiled attention kernels for large batches (model.FusedAttention), as train and eval use")
     args = p.parse_args(argv)
+    M.FusedAttention.enabled = args.fused_attention
     if args.quick:
         args.train_batches, args.baseline_batches = 2, 1
         args.beam_images, args.serial_images, args.max_len = 20, 5, 8
@@ -226,7 +229,7 @@ def main(argv=None) -> int:
     result["serial_beam_images_timed"] = n_serial
     result["beam_size"], result["beam_max_len"] = args.beam_size, args.max_len
     # Whether the compiled attention kernels ran (FusedAttention: large batches on CPU; one image is eager).
-    result["fused_attention"] = M.FusedAttention._kernels is not None
+    result["fused_attention"] = M.FusedAttention.enabled and M.FusedAttention._kernels is not None
     result["beam_same_captions"] = all(a.tokens[0] == together.tokens[i] for i, a in enumerate(alone))
 
     result["train_speedup_vs_baseline"] = result["train_captions_per_s"] / result["baseline_train_captions_per_s"]

@@ -631,3 +631,23 @@ def test_decoding_images_encodes_them_first():
     a = M.decode(model, images, cfg=M.DecodeConfig(max_len=5), **IDS)
     b = M.decode(model, model.encode(images), cfg=M.DecodeConfig(max_len=5), **IDS)
     assert a.tokens == b.tokens
+
+
+@pytest.mark.parametrize("argv, on", [(["--mode", "test"], False), (["--mode", "eval"], True),
+                                      (["--mode", "train"], True), (["--mode", "test", "--fused_attention"], True),
+                                      (["--mode", "eval", "--no-fused_attention"], False)])
+def test_fused_attention_flag_defaults_to_on_for_train_and_eval_only(argv, on, monkeypatch):
+    import main
+
+    monkeypatch.setattr(M.FusedAttention, "enabled", not on)
+    main._set_fused_attention(main.build_parser().parse_args(argv))
+    assert M.FusedAttention.enabled is on
+
+
+def test_test_mode_turns_fused_attention_off_before_it_runs(monkeypatch, capsys):
+    import main
+
+    monkeypatch.setattr(M.FusedAttention, "enabled", True)
+    assert main.main(["--mode", "test"]) == 2  # no --image_path: the one-line error, after the switch
+    assert "needs --image_path" in capsys.readouterr().err
+    assert M.FusedAttention.enabled is False
