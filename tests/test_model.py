@@ -651,3 +651,53 @@ def test_test_mode_turns_fused_attention_off_before_it_runs(monkeypatch, capsys)
     assert main.main(["--mode", "test"]) == 2  # no --image_path: the one-line error, after the switch
     assert "needs --image_path" in capsys.readouterr().err
     assert M.FusedAttention.enabled is False
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_packed_linear_computes_x_times_w_transposed(packed, monkeypatch):
+    monkeypatch.setattr(M.PackedLinear, "enabled", packed)
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(6, 5, generator=g), torch.randn(3, 5, generator=g)
+    bias, add = torch.randn(6, generator=g), torch.randn(3, 6, generator=g)
+    lin = M.PackedLinear(w, rows=3)
+    assert (lin.packed is not None) == (packed and torch.backends.mkldnn.is_available())
+    ref = x @ w.t()
+    for kw, want in [({}, ref), ({"bias": bias}, ref + bias), ({"add": add}, ref + add),
+                     ({"bias": bias, "add": add}, ref + bias + add)]:
+        torch.testing.assert_close(lin(x, **kw), want, rtol=1e-5, atol=1e-5)
+        out = torch.empty(3, 6)
+        assert lin(x, out=out, **kw) is out
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    # A transposed view (the backward's products with W itself).
+    torch.testing.assert_close(M.PackedLinear(w.t(), rows=3)(add), add @ w, rtol=1e-5, atol=1e-5)
+    assert M.PackedLinear(w.double(), rows=3).packed is None  # float32 only: float64 runs torch.mm
+
+
+def test_packed_products_give_the_same_training_step():
+    # float32 (the packed products' dtype), 3 layers, gradients reaching the features.
+    model = features_model(num_layers=3, dropout=0.3).train()
+    feats = random_feats(5).requires_grad_()
+    captions, lengths = batch(B=5, T=9)
+    runs = []
+    for enabled in (True, False):
+        M.PackedLinear.enabled = enabled
+        try:
+            model.zero_grad()
+            feats.grad = None
+            torch.manual_seed(7)
+            logits, alphas = model(feats, captions, lengths)
+            M.caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)[0].backward()
+        finally:
+            M.PackedLinear.enabled = True
+        runs.append({"logits": logits.detach(), "feats": feats.grad.clone(),
+                     **{n: p.grad.clone() for n, p in model.named_parameters()}})
+    for name in runs[1]:
+        torch.testing.assert_close(runs[0][name], runs[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_linear_falls_back_without_onednn(monkeypatch):
+    monkeypatch.setattr(M.PackedLinear, "_available", None)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    lin = M.PackedLinear(torch.ones(4, 3), rows=2)
+    assert lin.packed is None and M.PackedLinear._available is False
+    torch.testing.assert_close(lin(torch.ones(2, 3)), torch.full((2, 4), 3.0))
