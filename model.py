@@ -487,67 +487,6 @@ def _sum_enc_grad(fused: dict[str, Callable], plan: _Plan, enc: Tensor, att_q: T
     return d_enc, d_w
 
 
-class PackedLinear:
-    """x @ W^T for the small per-step products of the recurrence, with W reordered once per pass.
-
-    A step multiplies at most a batch of rows by the same weights, 11 times on average per training
-    pass, forward and backward. MKL repacks the weights at every call, which costs as much as the
-    product itself at 32 rows (82-95 GFLOP/s against 160 for large products on 2 cores); oneDNN with
-    the weights reordered once into its blocked layout ran the training-step shapes 1.2-1.4x faster
-    at 32 rows and 1.5-2.5x at 2-16 rows (the reorder costs 1-5 ms per weight, a transposed copy for
-    the backward's W-products up to 8 ms). Measured with the whole step (alternated runs in one
-    process, 2 cores): 0.57 vs 0.63 s per training step at batch 32, 2.09 vs 2.20 s at batch 128.
-
-    Used for float32 CPU tensors when torch has oneDNN (checked once against torch.mm on small
-    inputs); otherwise, or with enabled = False, the same products run through torch.mm/addmm.
-    """
-
-    enabled = True
-    _available: bool | None = None
-
-    def __init__(self, weight: Tensor, rows: int) -> None:
-        self.weight = weight.detach()  # (O, I); may be a transposed view
-        self.packed = None
-        if self.usable(self.weight):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.contiguous(), rows)
-
-    @classmethod
-    def usable(cls, weight: Tensor) -> bool:
-        if not cls.enabled or weight.device.type != "cpu" or weight.dtype != torch.float32:
-            return False
-        if cls._available is None:
-            cls._available = cls._probe()
-        return cls._available
-
-    @staticmethod
-    def _probe() -> bool:
-        try:
-            if not torch.backends.mkldnn.is_available():
-                return False
-            g = torch.Generator().manual_seed(0)
-            w, x, b = torch.randn(6, 5, generator=g), torch.randn(3, 5, generator=g), torch.randn(6, generator=g)
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
-            got = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
-            return bool(torch.allclose(got, torch.addmm(b, x, w.t()), rtol=1e-5, atol=1e-5))
-        except (AttributeError, RuntimeError, NotImplementedError) as exc:  # no such op in this build
-            log.debug("oneDNN packed products unavailable (%s); using torch.mm", exc)
-            return False
-
-    def __call__(self, x: Tensor, out: Tensor | None = None, bias: Tensor | None = None,
-                 add: Tensor | None = None) -> Tensor:
-        """x (M, I) -> x @ W^T + bias (O,) + add (M, O), into out (M, O) when given."""
-        if self.packed is None:
-            base = bias if add is None else add if bias is None else add + bias
-            if base is None:
-                return torch.mm(x, self.weight.t(), out=out) if out is not None else x @ self.weight.t()
-            return torch.addmm(base, x, self.weight.t(), out=out) if out is not None else \
-                torch.addmm(base, x, self.weight.t())
-        y = torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
-        if add is not None:
-            return torch.add(y, add, out=out) if out is not None else y.add_(add)
-        return out.copy_(y) if out is not None else y
-
-
 class _Recurrence(torch.autograd.Function):
     """The teacher-forcing loop of AttentionDecoder (sorted captions, shrinking batch) as one node.
 
@@ -577,16 +516,13 @@ class _Recurrence(torch.autograd.Function):
         energy = new(B, P)
         w = w_att.view(-1)  # (A,)
         enc_d, w_d = enc.detach(), w.detach()  # kernels get plain tensors (no grad-flag guards to recompile)
-        rows = plan.sizes[0]
-        query, first = PackedLinear(wq, rows), PackedLinear(wc, rows)  # x @ W^T: (b, A+D), (b, G)
-        uppers = [PackedLinear(upper[2 * y - 2], rows) for y in range(1, Y)]
         for t, b in enumerate(plan.sizes):
             r = plan.rows(t)
             rp = plan.prev_rows(t) if t else None
             h_prev = [hs[y][rp] if t else h0[y, :b] for y in range(Y)]  # (b, H) each
             c_prev = [cs[y][rp] if t else c0[y, :b] for y in range(Y)]
             hq[r] = h_prev[-1]
-            qr = query(hq[r], out=q[r], bias=bq)  # (b, A+D)
+            qr = torch.addmm(bq, hq[r], wq.t(), out=q[r])  # (b, A+D)
             att_q = qr[:, :A]  # (b, A)
             # w . relu(e + q) = w . max(e, -q) + w . q: one pass over (b, P, A).
             if fused:
@@ -601,7 +537,7 @@ class _Recurrence(torch.autograd.Function):
             x = xs[0][r]  # (b, D+H)
             torch.mul(ctx_raw[r], gate[r], out=x[:, :D])
             x[:, D:] = h_prev[0]
-            first(x, out=acts[0][r], add=emb_gates[r])  # (b, G)
+            torch.addmm(emb_gates[r], x, wc.t(), out=acts[0][r])  # (b, G)
             _lstm_cell_(acts[0][r], c_prev[0], cs[0][r], tanh_cs[0][r], hs[0][r])
             for y in range(1, Y):
                 x = xs[y][r]  # (b, 2H)
@@ -611,7 +547,7 @@ class _Recurrence(torch.autograd.Function):
                 else:
                     x[:, :H] = hs[y - 1][r]
                 x[:, H:] = h_prev[y]
-                uppers[y - 1](x, out=acts[y][r], bias=upper[2 * y - 1])  # (b, G)
+                torch.addmm(upper[2 * y - 1], x, upper[2 * y - 2].t(), out=acts[y][r])  # (b, G)
                 _lstm_cell_(acts[y][r], c_prev[y], cs[y][r], tanh_cs[y][r], hs[y][r])
         ctx.plan = plan
         ctx.buffers = (hq, q, ctx_raw, gate, xs, acts, cs, tanh_cs, hs[:-1], masks, hidden)
@@ -634,10 +570,6 @@ class _Recurrence(torch.autograd.Function):
         dq = q.new_empty(R, A + D)
         dgates = [acts[0].new_empty(R, 4 * H) for _ in range(Y)]
         u = q.new_empty(R, A)  # per step: sum over positions of dE/de / w
-        rows = plan.sizes[0]
-        # The products with W itself (not W^T): gradients of the inputs of each layer and the query.
-        query_t, first_t = PackedLinear(wq.t(), rows), PackedLinear(wc.t(), rows)  # (b,A+D)->(b,H), (b,G)->(b,D+H)
-        uppers_t = [PackedLinear(upper[2 * y - 2].t(), rows) for y in range(1, Y)]
         fused = plan.fused
         if fused:
             d_energy = alpha.new_empty(R, P)  # per step dE/dE; dE/de is summed from them at the end
@@ -654,14 +586,14 @@ class _Recurrence(torch.autograd.Function):
                 c_prev = cs[y][rp] if t else c0[y, :b]
                 _lstm_cell_backward_(acts[y][r], c_prev, tanh_cs[y][r], dh[y, :b], dc[y, :b], dgates[y][r])
                 if y > 0:
-                    dx = uppers_t[y - 1](dgates[y][r])  # (b, 2H): [below, h_prev]
+                    dx = dgates[y][r] @ upper[2 * y - 2]  # (b, 2H): [below, h_prev]
                     dh[y, :b].copy_(dx[:, H:])
                     if masks is not None:
                         dh[y - 1, :b].addcmul_(dx[:, :H], masks[y - 1][r])
                     else:
                         dh[y - 1, :b].add_(dx[:, :H])
                 else:
-                    dx = first_t(dgates[0][r])  # (b, D+H): [context, h_prev]
+                    dx = dgates[0][r] @ wc  # (b, D+H): [context, h_prev]
                     dh[0, :b].copy_(dx[:, D:])
                     d_context = dx[:, :D]  # (b, D)
             # context = ctx_raw * sigmoid(gate_pre), ctx_raw = alpha @ feats
@@ -683,7 +615,7 @@ class _Recurrence(torch.autograd.Function):
                 S[:b].add_(masked)
                 torch.sum(masked, dim=1, out=u[r])  # (b, A)
             torch.mul(u[r], w, out=dq[r, :A])
-            dh[-1, :b] += query_t(dq[r])  # the query read the top h of the step before
+            dh[-1, :b].addmm_(dq[r], wq)  # the query read the top h of the step before
         if fused:
             d_enc, d_w = _sum_enc_grad(fused, plan, enc_d, q[:, :A], d_energy, w.detach())
         else:

@@ -114,21 +114,12 @@ def time_train(model, forward, batches, warmup: int, device) -> float:
 
 
 def count_train_flops(model, batch) -> int:
-    """Matmul FLOPs (forward + backward) of one training step, as torch counts them.
-
-    Counted with torch's own ops (the counter does not see oneDNN's packed products or compiled
-    kernels): the same products, so the same count whichever kernels the timed steps ran.
-    """
+    """Matmul FLOPs (forward + backward) of one training step, as torch counts them."""
     feats, captions, lengths = batch
-    saved = M.PackedLinear.enabled, M.FusedAttention.enabled
-    M.PackedLinear.enabled = M.FusedAttention.enabled = False
-    try:
-        with FlopCounterMode(display=False) as counter:
-            logits, alphas = model(feats, captions, lengths)
-            loss, _ = M.caption_loss(logits, captions, lengths, alphas, model.cfg.alpha_c)
-            loss.backward()
-    finally:
-        M.PackedLinear.enabled, M.FusedAttention.enabled = saved
+    with FlopCounterMode(display=False) as counter:
+        logits, alphas = model(feats, captions, lengths)
+        loss, _ = M.caption_loss(logits, captions, lengths, alphas, model.cfg.alpha_c)
+        loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
