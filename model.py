@@ -615,7 +615,9 @@ class _Recurrence(torch.autograd.Function):
                 S[:b].add_(masked)
                 torch.sum(masked, dim=1, out=u[r])  # (b, A)
             torch.mul(u[r], w, out=dq[r, :A])
-            dh[-1, :b].addmm_(dq[r], wq)  # the query read the top h of the step before
+            # The query read the top h of the step before. (Not addmm_: torch's FLOP counter, which
+            # bench_decoder.py uses, does not see in-place products.)
+            dh[-1, :b] += dq[r] @ wq
         if fused:
             d_enc, d_w = _sum_enc_grad(fused, plan, enc_d, q[:, :A], d_energy, w.detach())
         else:

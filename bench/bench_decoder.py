@@ -114,12 +114,20 @@ def time_train(model, forward, batches, warmup: int, device) -> float:
 
 
 def count_train_flops(model, batch) -> int:
-    """Matmul FLOPs (forward + backward) of one training step, as torch counts them."""
+    """Matmul FLOPs (forward + backward) of one training step, as torch counts them.
+
+    Counted on eager ops (the counter does not see inside compiled kernels): the same products,
+    so the same count whichever attention kernels the timed steps ran.
+    """
     feats, captions, lengths = batch
-    with FlopCounterMode(display=False) as counter:
-        logits, alphas = model(feats, captions, lengths)
-        loss, _ = M.caption_loss(logits, captions, lengths, alphas, model.cfg.alpha_c)
-        loss.backward()
+    saved, M.FusedAttention.enabled = M.FusedAttention.enabled, False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            logits, alphas = model(feats, captions, lengths)
+            loss, _ = M.caption_loss(logits, captions, lengths, alphas, model.cfg.alpha_c)
+            loss.backward()
+    finally:
+        M.FusedAttention.enabled = saved
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
