@@ -52,6 +52,21 @@ def random_feats(n, p=9, c=32, seed=1) -> torch.Tensor:
     return torch.randn(n, p, c, generator=g) * 2  # (N, P, C): spread so images decode differently
 
 
+def seeded_step(model, feats, captions, lengths) -> dict[str, torch.Tensor]:
+    """One seeded forward + backward (dropout draws alike) -> logits, alphas and every gradient
+    (the features' too, when they require grad)."""
+    model.zero_grad()
+    feats.grad = None
+    torch.manual_seed(7)
+    logits, alphas = model(feats, captions, lengths)
+    M.caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)[0].backward()
+    out = {"logits": logits.detach(), "alphas": alphas.detach(),
+           **{n: p.grad.clone() for n, p in model.named_parameters()}}
+    if feats.grad is not None:
+        out["feats"] = feats.grad.clone()
+    return out
+
+
 def batch(B=4, T=7, V=40, seed=2):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(3, T + 1, (B,), generator=g)
@@ -338,13 +353,9 @@ def test_hand_written_backward_gives_the_plain_autograd_gradients(kw, monkeypatc
     grads, outputs = [], []
     for tapes in (True, False):
         monkeypatch.setattr(M.AttentionDecoder, "use_tapes", tapes)
-        model.zero_grad()
-        feats.grad = None
-        torch.manual_seed(7)
-        logits, alphas = model(feats, captions, lengths)
-        M.caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)[0].backward()
-        outputs.append((logits.detach(), alphas.detach()))
-        grads.append({**{n: p.grad.clone() for n, p in model.named_parameters()}, "feats": feats.grad.clone()})
+        run = seeded_step(model, feats, captions, lengths)
+        outputs.append((run.pop("logits"), run.pop("alphas")))
+        grads.append(run)
     for a, b in zip(*outputs):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert grads[0].keys() == grads[1].keys()
@@ -509,13 +520,7 @@ def test_fused_attention_kernels_give_the_eager_gradients(fused_everywhere, monk
     runs = []
     for enabled in (True, False):
         monkeypatch.setattr(M.FusedAttention, "enabled", enabled)
-        model.zero_grad()
-        feats.grad = None
-        torch.manual_seed(7)
-        logits, alphas = model(feats, captions, lengths)
-        M.caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)[0].backward()
-        runs.append({"logits": logits.detach(), "alphas": alphas.detach(), "feats": feats.grad.clone(),
-                     **{n: p.grad.clone() for n, p in model.named_parameters()}})
+        runs.append(seeded_step(model, feats, captions, lengths))
     for name in runs[1]:
         torch.testing.assert_close(runs[0][name], runs[1][name], rtol=1e-4, atol=1e-6, msg=name)
     assert runs[0]["decoder.enc_att.weight"].abs().sum() > 0
