@@ -349,6 +349,12 @@ def _energy_kernel(enc: Tensor, neg_q: Tensor, w: Tensor) -> Tensor:
     return (torch.maximum(enc, neg_q) * w).sum(-1)
 
 
+def _decode_energy_kernel(enc: Tensor, neg_q: Tensor, w: Tensor) -> Tensor:
+    """_energy_kernel for decoding, (N,1,P,A) x (N,K,1,A) -> (N,K,P). The same sum, as its own function
+    so that torch.compile keeps its shape variants apart from training's (each function may keep 8)."""
+    return (torch.maximum(enc, neg_q) * w).sum(-1)
+
+
 def _query_grad_kernel(enc: Tensor, q: Tensor, de: Tensor) -> Tensor:
     """u = sum_p dE/dE_p [e_p + q > 0]: enc (b,P,A), q (b,1,A), de (b,P,1) -> (b,A)."""
     return torch.where(enc + q > 0, de, 0.0).sum(1)
@@ -363,7 +369,8 @@ def _enc_grad_kernel(enc: Tensor, q: Tensor, de: Tensor, w: Tensor) -> tuple[Ten
     return S * w, (S * enc.squeeze(1)).sum((0, 1))
 
 
-_KERNELS = {"energy": _energy_kernel, "query_grad": _query_grad_kernel, "enc_grad": _enc_grad_kernel}
+_KERNELS = {"energy": _energy_kernel, "decode_energy": _decode_energy_kernel, "query_grad": _query_grad_kernel,
+            "enc_grad": _enc_grad_kernel}
 
 
 class FusedAttention:
@@ -398,14 +405,19 @@ class FusedAttention:
         de = torch.randn(3, 5, 1, generator=g)
         w = torch.randn(8, generator=g)
         q_t, de_t = torch.randn(3, 4, 1, 8, generator=g), torch.randn(3, 4, 5, 1, generator=g)
-        probes = {"energy": (enc, q.neg(), w), "query_grad": (enc, q, de),
-                  "enc_grad": (enc.unsqueeze(1), q_t, de_t, w)}
+        # Every form the model calls: training's (b, P, A) energies and gradients, and decoding's
+        # (N, 1, P, A) x (N, K, 1, A) energies (a failure there would surface mid-search otherwise).
+        # Training calls them under no_grad (inside the autograd node), decoding under inference_mode.
+        probes = [("energy", (enc, q.neg(), w), torch.no_grad), ("query_grad", (enc, q, de), torch.no_grad),
+                  ("enc_grad", (enc.unsqueeze(1), q_t, de_t, w), torch.no_grad),
+                  ("decode_energy", (enc.unsqueeze(1), q_t.neg(), w), torch.inference_mode)]
         kernels = {}
         try:
-            for name, fn in _KERNELS.items():
-                kernels[name] = torch.compile(fn, dynamic=True)
-                with torch.no_grad():
-                    got, want = kernels[name](*probes[name]), fn(*probes[name])
+            for name, args, mode in probes:
+                if name not in kernels:
+                    kernels[name] = torch.compile(_KERNELS[name], dynamic=True)
+                with mode():
+                    got, want = kernels[name](*args), _KERNELS[name](*args)
                 for a, b in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
                     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         except Exception as exc:  # a missing compiler, an inductor bug, a wrong result: all mean "eager"
@@ -721,7 +733,8 @@ class AttentionDecoder(nn.Module):
     energy_chunk = 1 << 21
 
     def _energies_chunked(self, enc_proj: Tensor, att_q: Tensor) -> Tensor:
-        """w . relu(enc_proj + q) without grad, a few images at a time. (N,P,A), (N,K,A) -> (N,K,P).
+        """w . relu(enc_proj + q) without grad, a few images at a time (or all at once by a compiled
+        kernel, FusedAttention). (N,P,A), (N,K,A) -> (N,K,P).
 
         relu(e + q) = max(e, -q) + q, so w . relu(e + q) = w . max(e, -q) + w . q: two passes over each
         chunk (maximum into one reused buffer, then the product with w) instead of add, relu and product,
@@ -732,7 +745,7 @@ class AttentionDecoder(nn.Module):
         w = self.full_att.weight.view(-1)  # (A,)
         fused = FusedAttention.get(N * K * P * A, enc_proj.device)
         if fused:  # one pass over e per step, nothing of (N, K, P, A) written
-            out = fused["energy"](enc_proj.unsqueeze(1), att_q.neg().unsqueeze(2), w.detach())  # (N, K, P)
+            out = fused["decode_energy"](enc_proj.unsqueeze(1), att_q.neg().unsqueeze(2), w.detach())  # (N,K,P)
             return out.add_((att_q @ w).unsqueeze(-1))
         per_chunk = min(N, max(1, self.energy_chunk * torch.get_num_threads() // (K * P * A)))
         buf = enc_proj.new_empty(per_chunk, K, P, A)
@@ -770,7 +783,8 @@ class AttentionDecoder(nn.Module):
         return new_h, new_c
 
     def step(self, words: Tensor, feats: Tensor, enc_proj: Tensor, h: Tensor, c: Tensor,
-             word_gates: Tensor | None = None, shared: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             word_gates: Tensor | None = None, shared: tuple[Tensor, Tensor] | None = None
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One decoding step for K hypotheses per image.
 
         words (N,K), feats (N,P,D), enc_proj (N,P,A), h/c (Y,N,K,H), word_gates (V,G) or None: the
