@@ -92,9 +92,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha_c", type=float, default=None,
                    help="weight of the doubly stochastic attention regularisation [1.0]")
     g.add_argument("--fused_attention", action=argparse.BooleanOptionalAction, default=None,
-                   help="on CPU, compile the attention's elementwise work with torch.compile for large batches "
-                        "(a few seconds once per process; falls back to eager ops if compiling fails) "
-                        "[on for train and eval, off for test]")
+                   help="on CPU, compile the attention energies of greedy/beam search over large batches with "
+                        "torch.compile (a few seconds once per process; falls back to eager ops if compiling "
+                        "fails) [on for train (validation) and eval, off for test]")
     g = parser.add_argument_group("decoding")
     g.add_argument("--beam_size", type=int, default=None, help="beam width; 1 = greedy [5]")
     g.add_argument("--max_len", type=int, default=None, help="most tokens generated per caption [35]")
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _set_fused_attention(args: argparse.Namespace) -> None:
-    """Captioning a few photos (test) does not pay for a compile; training and evaluation do."""
+    """Captioning a few photos (test) does not pay for a compile; validation and evaluation do."""
     import model
 
     on = args.fused_attention if args.fused_attention is not None else args.mode != "test"

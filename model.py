@@ -320,6 +320,65 @@ def image_transform(cfg: ModelConfig, train: bool) -> Callable:
 # Decoder
 # --------------------------------------------------------------------------------------------
 
+# Decoding's attention energies, w . relu(e + q) over (images, beams, P, A), are memory bound in eager
+# PyTorch: even in cache-sized chunks (_energies_chunked) each op writes a block that the next one reads
+# back. torch.compile (inductor) turns the sum below into one C++/OpenMP loop that reads e once per
+# step and writes only the (N, K, P) result: beam search over 100 images x 5 beams spent ~600 ms of
+# ~2.4 s in those ops, ~75 ms in the compiled loop (bench/bench_fused_attention.py times the whole
+# search both ways). Training's attention ops (_Recurrence) were tried compiled too: no measurable gain
+# at batch 32 or 128, so they stay eager.
+
+def _energy_kernel(enc: Tensor, neg_q: Tensor, w: Tensor) -> Tensor:
+    """sum_a w_a max(e_a, -q_a): enc (N,1,P,A), neg_q (N,K,1,A) -> (N,K,P).
+
+    w . relu(e + q) = w . max(e, -q) + w . q; the caller adds w . q (one value per query).
+    """
+    return (torch.maximum(enc, neg_q) * w).sum(-1)
+
+
+class FusedAttention:
+    """_energy_kernel compiled by torch.compile, once per process, for decoding batches on CPU of at
+    least min_elements (images x beams x P x A; below that eager ops are fast enough and a compile,
+    seconds, does not pay: one image's beam search and the demo's small model run eagerly).
+
+    The first use compiles the kernel on small inputs and checks it against the eager function; if
+    compiling fails (no C++ compiler, an unsupported platform) or disagrees, a warning says so once
+    and the eager path runs from then on. enabled = False turns it off (tests compare the two
+    paths). CUDA keeps the eager path: not measured there.
+    """
+
+    enabled = True  # main.py: --fused_attention (on for train and eval, off for test)
+    min_elements = 2 << 20  # 100 images x beam 5 at 196 x 512: 50M; one image: 0.5M
+    _kernel: Callable | None = None
+    _failed = False
+
+    @classmethod
+    def get(cls, elements: int, device: torch.device) -> Callable | None:
+        if not cls.enabled or cls._failed or device.type != "cpu" or elements < cls.min_elements:
+            return None
+        if cls._kernel is None:
+            cls._kernel = cls._compile()
+        return cls._kernel
+
+    @classmethod
+    def _compile(cls) -> Callable | None:
+        g = torch.Generator().manual_seed(0)
+        enc = torch.randn(3, 1, 5, 8, generator=g)  # (N, 1, P, A)
+        neg_q = torch.randn(3, 4, 1, 8, generator=g)  # (N, K, 1, A)
+        w = torch.randn(8, generator=g)
+        try:
+            kernel = torch.compile(_energy_kernel, dynamic=True)
+            with torch.inference_mode():  # as decoding calls it
+                torch.testing.assert_close(kernel(enc, neg_q, w), _energy_kernel(enc, neg_q, w),
+                                           rtol=1e-5, atol=1e-5)
+        except Exception as exc:  # a missing compiler, an inductor bug, a wrong result: all mean "eager"
+            log.warning("fused attention kernels unavailable (%s: %s); using eager attention ops",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            cls._failed = True
+            return None
+        return kernel
+
+
 # Teacher forcing runs the same weights and the same per-image tensors at every step. Plain autograd
 # then pays, at every step, a full-size weight gradient from a handful of rows (a memory-bound outer
 # product), a zero-filled full-size gradient for each `x[:b]` slice, and a fresh (b, P, A) tensor
@@ -333,101 +392,6 @@ def image_transform(cfg: ModelConfig, train: bool) -> Callable:
 # (w . relu(e + q) = w . (e + q) where it is positive: dw = sum(S * e) + sum_t u_t . q_t, u_t the
 # per-step sum of S's increment over positions, which dE/dq_t needs anyway).
 
-# The attention's elementwise work, w . relu(e + q) over (rows, P, A), is memory bound in eager
-# PyTorch: each op writes a (b, P, A) tensor (12.8 MB at batch 32, 196 x 512) that the next one reads
-# back, and the backward accumulates a fourth one at every step. torch.compile (inductor) turns each
-# kernel below into one C++/OpenMP loop that reads e once and writes only its small result; the
-# backward keeps each step's dE/de (b, P) instead of accumulating over (B, P, A), and one pass at the
-# end sums them into dE/de. Measured on 2 cores, 32 x 196 x 512: energies 0.65 vs 3.5 ms per step,
-# query gradient 0.8 vs ~2.5 ms (bench/bench_decoder.py measures the whole step).
-
-def _energy_kernel(enc: Tensor, neg_q: Tensor, w: Tensor) -> Tensor:
-    """sum_a w_a max(e_a, -q_a): enc (..., P, A), neg_q (..., 1, A) broadcast -> (..., P).
-
-    w . relu(e + q) = w . max(e, -q) + w . q; the caller adds w . q (one value per query).
-    """
-    return (torch.maximum(enc, neg_q) * w).sum(-1)
-
-
-def _decode_energy_kernel(enc: Tensor, neg_q: Tensor, w: Tensor) -> Tensor:
-    """_energy_kernel for decoding, (N,1,P,A) x (N,K,1,A) -> (N,K,P). The same sum, as its own function
-    so that torch.compile keeps its shape variants apart from training's (each function may keep 8)."""
-    return (torch.maximum(enc, neg_q) * w).sum(-1)
-
-
-def _query_grad_kernel(enc: Tensor, q: Tensor, de: Tensor) -> Tensor:
-    """u = sum_p dE/dE_p [e_p + q > 0]: enc (b,P,A), q (b,1,A), de (b,P,1) -> (b,A)."""
-    return torch.where(enc + q > 0, de, 0.0).sum(1)
-
-
-def _enc_grad_kernel(enc: Tensor, q: Tensor, de: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """S = sum_t dE/dE_t [e + q_t > 0] -> dE/de = S * w (B,P,A) and sum(S * e) (A,), dE/dw's share of e.
-
-    enc (B,1,P,A), q (B,T,1,A), de (B,T,P,1); padded steps have de = 0.
-    """
-    S = torch.where(enc + q > 0, de, 0.0).sum(1)  # (B, P, A)
-    return S * w, (S * enc.squeeze(1)).sum((0, 1))
-
-
-_KERNELS = {"energy": _energy_kernel, "decode_energy": _decode_energy_kernel, "query_grad": _query_grad_kernel,
-            "enc_grad": _enc_grad_kernel}
-
-
-class FusedAttention:
-    """The kernels above compiled by torch.compile, once per process, for CPU tensors of at least
-    min_elements (rows x P x A; below that eager ops are fast enough and a compile, seconds, does
-    not pay: one image's beam search, the demo's small model run eagerly).
-
-    The first use compiles each kernel on small inputs and checks it against the eager function; if
-    compiling fails (no C++ compiler, an unsupported platform) or disagrees, a warning says so once
-    and the eager path runs from then on. enabled = False turns the kernels off (tests compare the
-    two paths). CUDA keeps the eager path: not measured there.
-    """
-
-    enabled = True  # main.py: --fused_attention (on for train and eval, off for test)
-    min_elements = 2 << 20  # 100 images x beam 5 at 196 x 512: 50M; one image: 0.5M
-    _kernels: dict[str, Callable] | None = None
-    _failed = False
-
-    @classmethod
-    def get(cls, elements: int, device: torch.device) -> dict[str, Callable] | None:
-        if not cls.enabled or cls._failed or device.type != "cpu" or elements < cls.min_elements:
-            return None
-        if cls._kernels is None:
-            cls._kernels = cls._compile()
-        return cls._kernels
-
-    @classmethod
-    def _compile(cls) -> dict[str, Callable] | None:
-        g = torch.Generator().manual_seed(0)
-        enc = torch.randn(3, 5, 8, generator=g)  # (b, P, A)
-        q = torch.randn(3, 1, 8, generator=g)
-        de = torch.randn(3, 5, 1, generator=g)
-        w = torch.randn(8, generator=g)
-        q_t, de_t = torch.randn(3, 4, 1, 8, generator=g), torch.randn(3, 4, 5, 1, generator=g)
-        # Every form the model calls: training's (b, P, A) energies and gradients, and decoding's
-        # (N, 1, P, A) x (N, K, 1, A) energies (a failure there would surface mid-search otherwise).
-        # Training calls them under no_grad (inside the autograd node), decoding under inference_mode.
-        probes = [("energy", (enc, q.neg(), w), torch.no_grad), ("query_grad", (enc, q, de), torch.no_grad),
-                  ("enc_grad", (enc.unsqueeze(1), q_t, de_t, w), torch.no_grad),
-                  ("decode_energy", (enc.unsqueeze(1), q_t.neg(), w), torch.inference_mode)]
-        kernels = {}
-        try:
-            for name, args, mode in probes:
-                if name not in kernels:
-                    kernels[name] = torch.compile(_KERNELS[name], dynamic=True)
-                with mode():
-                    got, want = kernels[name](*args), _KERNELS[name](*args)
-                for a, b in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
-                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-        except Exception as exc:  # a missing compiler, an inductor bug, a wrong result: all mean "eager"
-            log.warning("fused attention kernels unavailable (%s: %s); using eager attention ops",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            cls._failed = True
-            return None
-        return kernels
-
-
 class _Plan:
     """Sizes of one teacher-forcing pass: b_t captions still running at step t, dropout, attention dim."""
 
@@ -439,7 +403,6 @@ class _Plan:
         self.dropout = dropout
         self.A = attention_dim
         self.release: Callable[[], None] | None = None  # called once, when the backward is done
-        self.fused: dict[str, Callable] | None = None  # FusedAttention kernels, or None: eager ops
 
     def rows(self, t: int) -> slice:
         return slice(self.offs[t], self.offs[t] + self.sizes[t])
@@ -475,30 +438,6 @@ def _lstm_cell_backward_(gates: Tensor, c_prev: Tensor, tanh_c: Tensor, dh: Tens
     dc.mul_(f)
 
 
-def _sum_enc_grad(fused: dict[str, Callable], plan: _Plan, enc: Tensor, att_q: Tensor, d_energy: Tensor,
-                  w: Tensor, group: int = 8) -> tuple[Tensor, Tensor]:
-    """dE/de (B,P,A) and sum(S * e) (A,) from the steps' queries att_q (R,A) and dE/dE d_energy (R,P).
-
-    The kernel runs over (caption, step) padded to the longest caption of each group of `group`
-    captions (sorted by length, so little padding), not over all captions x the longest.
-    """
-    B, P, A = enc.shape
-    T = len(plan.sizes)
-    index = torch.cat([torch.arange(b, device=enc.device) * T + t for t, b in enumerate(plan.sizes)])  # (R,)
-    q_pad = att_q.new_zeros(B * T, A).index_copy_(0, index, att_q).view(B, T, A)
-    de_pad = d_energy.new_zeros(B * T, P).index_copy_(0, index, d_energy).view(B, T, P)
-    d_enc = enc.new_empty(B, P, A)
-    d_w = w.new_zeros(A)
-    for g0 in range(0, B, group):
-        g1 = min(B, g0 + group)
-        steps = sum(1 for b in plan.sizes if b > g0)  # of the group's longest caption
-        part, dw = fused["enc_grad"](enc[g0:g1].unsqueeze(1), q_pad[g0:g1, :steps].unsqueeze(2).contiguous(),
-                                     de_pad[g0:g1, :steps].unsqueeze(-1).contiguous(), w)
-        d_enc[g0:g1] = part
-        d_w += dw
-    return d_enc, d_w
-
-
 class _Recurrence(torch.autograd.Function):
     """The teacher-forcing loop of AttentionDecoder (sorted captions, shrinking batch) as one node.
 
@@ -523,11 +462,9 @@ class _Recurrence(torch.autograd.Function):
         acts = [new(R, G) for _ in range(Y)]  # activated gates
         cs, tanh_cs, hs = ([new(R, H) for _ in range(Y)] for _ in range(3))
         masks = [new(R, H) for _ in range(Y - 1)] if p > 0 else None  # dropout masks (scaled)
-        fused = plan.fused
-        hidden = None if fused else new(B, P, A)  # max(e, -q), reused by every step
+        hidden = new(B, P, A)  # max(e, -q), reused by every step
         energy = new(B, P)
         w = w_att.view(-1)  # (A,)
-        enc_d, w_d = enc.detach(), w.detach()  # kernels get plain tensors (no grad-flag guards to recompile)
         for t, b in enumerate(plan.sizes):
             r = plan.rows(t)
             rp = plan.prev_rows(t) if t else None
@@ -536,12 +473,9 @@ class _Recurrence(torch.autograd.Function):
             hq[r] = h_prev[-1]
             qr = torch.addmm(bq, hq[r], wq.t(), out=q[r])  # (b, A+D)
             att_q = qr[:, :A]  # (b, A)
-            # w . relu(e + q) = w . max(e, -q) + w . q: one pass over (b, P, A).
-            if fused:
-                e = fused["energy"](enc_d[:b], att_q.neg().unsqueeze(1), w_d)  # (b, P)
-            else:
-                torch.maximum(enc[:b], att_q.neg().unsqueeze(1), out=hidden[:b])  # (b, P, A)
-                e = torch.matmul(hidden[:b], w, out=energy[:b])  # (b, P)
+            # w . relu(e + q) = w . max(e, -q) + w . q: one pass over (b, P, A) into the reused buffer.
+            torch.maximum(enc[:b], att_q.neg().unsqueeze(1), out=hidden[:b])  # (b, P, A)
+            e = torch.matmul(hidden[:b], w, out=energy[:b])  # (b, P)
             e.add_((att_q @ w).unsqueeze(1))
             torch.ops.aten._softmax.out(e, -1, False, out=alpha[r])  # (b, P)
             torch.bmm(alpha[r].unsqueeze(1), feats[:b], out=ctx_raw[r].unsqueeze(1))  # (b, 1, D)
@@ -582,12 +516,7 @@ class _Recurrence(torch.autograd.Function):
         dq = q.new_empty(R, A + D)
         dgates = [acts[0].new_empty(R, 4 * H) for _ in range(Y)]
         u = q.new_empty(R, A)  # per step: sum over positions of dE/de / w
-        fused = plan.fused
-        if fused:
-            d_energy = alpha.new_empty(R, P)  # per step dE/dE; dE/de is summed from them at the end
-            enc_d = enc.detach()
-        else:
-            S = enc.new_zeros(B, P, A)  # sum over steps of dE/d(e + q) / w
+        S = enc.new_zeros(B, P, A)  # sum over steps of dE/d(e + q) / w
         d_feats = feats.new_zeros(feats.shape) if ctx.needs_input_grad[1] else None
         for t in range(len(plan.sizes) - 1, -1, -1):
             b = plan.sizes[t]
@@ -618,24 +547,16 @@ class _Recurrence(torch.autograd.Function):
             if d_feats is not None:
                 d_feats[:b].baddbmm_(a.unsqueeze(2), d_raw.unsqueeze(1))  # (b, P, D)
             de = (da - (da * a).sum(-1, keepdim=True)).mul_(a)  # softmax backward, (b, P)
-            if fused:
-                d_energy[r] = de
-                u[r] = fused["query_grad"](enc_d[:b], q[r, :A].unsqueeze(1).contiguous(), de.unsqueeze(-1))
-            else:
-                pre = torch.add(enc[:b], q[r, :A].unsqueeze(1), out=work[:b])  # (b, P, A)
-                masked = torch.ops.aten.threshold_backward.grad_input(de.unsqueeze(-1), pre, 0, grad_input=pre)
-                S[:b].add_(masked)
-                torch.sum(masked, dim=1, out=u[r])  # (b, A)
+            pre = torch.add(enc[:b], q[r, :A].unsqueeze(1), out=work[:b])  # (b, P, A)
+            masked = torch.ops.aten.threshold_backward.grad_input(de.unsqueeze(-1), pre, 0, grad_input=pre)
+            S[:b].add_(masked)
+            torch.sum(masked, dim=1, out=u[r])  # (b, A)
             torch.mul(u[r], w, out=dq[r, :A])
             # The query read the top h of the step before. (Not addmm_: torch's FLOP counter, which
             # bench_decoder.py uses, does not see in-place products.)
             dh[-1, :b] += dq[r] @ wq
-        if fused:
-            d_enc, d_w = _sum_enc_grad(fused, plan, enc_d, q[:, :A], d_energy, w.detach())
-        else:
-            d_w = torch.mul(S, enc, out=work).sum((0, 1))
-            d_enc = S.mul_(w)  # (B, P, A)
-        d_w = (d_w + (u * q[:, :A]).sum(0)).view_as(w_att)
+        d_w = (torch.mul(S, enc, out=work).sum((0, 1)) + (u * q[:, :A]).sum(0)).view_as(w_att)
+        d_enc = S.mul_(w)  # (B, P, A)
         d_upper = []
         for y in range(1, Y):
             d_upper += [dgates[y].t() @ xs[y], dgates[y].sum(0)]
@@ -745,7 +666,7 @@ class AttentionDecoder(nn.Module):
         w = self.full_att.weight.view(-1)  # (A,)
         fused = FusedAttention.get(N * K * P * A, enc_proj.device)
         if fused:  # one pass over e per step, nothing of (N, K, P, A) written
-            out = fused["decode_energy"](enc_proj.unsqueeze(1), att_q.neg().unsqueeze(2), w.detach())  # (N,K,P)
+            out = fused(enc_proj.unsqueeze(1), att_q.neg().unsqueeze(2), w.detach())  # (N, K, P)
             return out.add_((att_q @ w).unsqueeze(-1))
         per_chunk = min(N, max(1, self.energy_chunk * torch.get_num_threads() // (K * P * A)))
         buf = enc_proj.new_empty(per_chunk, K, P, A)
@@ -920,7 +841,6 @@ class AttentionDecoder(nn.Module):
             weights += [lin.weight, lin.bias]
         plan = _Plan(sizes, self.dropout if self.training else 0.0, self.cfg.attention_dim)
         plan.release = release
-        plan.fused = FusedAttention.get(feats.size(0) * feats.size(1) * self.cfg.attention_dim, feats.device)
         with torch.autocast(feats.device.type, enabled=False):
             inputs = [x.to(dtype).contiguous() for x in (feats, enc_proj, h0, c0, emb_gates)]
             return _Recurrence.apply(plan, *inputs, *weights)

@@ -114,20 +114,12 @@ def time_train(model, forward, batches, warmup: int, device) -> float:
 
 
 def count_train_flops(model, batch) -> int:
-    """Matmul FLOPs (forward + backward) of one training step, as torch counts them.
-
-    Counted on eager ops (the counter does not see inside compiled kernels): the same products,
-    so the same count whichever attention kernels the timed steps ran.
-    """
+    """Matmul FLOPs (forward + backward) of one training step, as torch counts them."""
     feats, captions, lengths = batch
-    saved, M.FusedAttention.enabled = M.FusedAttention.enabled, False
-    try:
-        with FlopCounterMode(display=False) as counter:
-            logits, alphas = model(feats, captions, lengths)
-            loss, _ = M.caption_loss(logits, captions, lengths, alphas, model.cfg.alpha_c)
-            loss.backward()
-    finally:
-        M.FusedAttention.enabled = saved
+    with FlopCounterMode(display=False) as counter:
+        logits, alphas = model(feats, captions, lengths)
+        loss, _ = M.caption_loss(logits, captions, lengths, alphas, model.cfg.alpha_c)
+        loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -168,7 +160,8 @@ def main(argv=None) -> int:
     p.add_argument("--untaped", action="store_true",
                    help="also time the fast loop without gradient tapes (untaped_train_captions_per_s)")
     p.add_argument("--fused_attention", action=argparse.BooleanOptionalAction, default=True,
-                   help="compiled attention kernels for large batches (model.FusedAttention), as train and eval use")
+                   help="compiled attention energies for large decoding batches (model.FusedAttention), "
+                        "as validation and eval use")
     args = p.parse_args(argv)
     M.FusedAttention.enabled = args.fused_attention
     if args.quick:
@@ -221,7 +214,7 @@ def main(argv=None) -> int:
     feats = torch.randn(args.beam_images, P, C, generator=gen).relu().to(device)  # (N, P, C)
     dcfg = M.DecodeConfig(beam_size=args.beam_size, max_len=args.max_len)
     ids = dict(sos_id=SOS, eos_id=EOS, unk_id=UNK)
-    # Warm-up of both runs' paths (the first large batch compiles the fused attention kernels).
+    # Warm-up of both runs' paths (the first large batch compiles the fused attention energies).
     M.beam_search(model, feats, cfg=dcfg, **ids)
     M.beam_search(model, feats[:1], cfg=dcfg, **ids)
     sync(device)
@@ -236,8 +229,8 @@ def main(argv=None) -> int:
     result["serial_beam_images_per_s"] = n_serial / (time.perf_counter() - start)
     result["serial_beam_images_timed"] = n_serial
     result["beam_size"], result["beam_max_len"] = args.beam_size, args.max_len
-    # Whether the compiled attention kernels ran (FusedAttention: large batches on CPU; one image is eager).
-    result["fused_attention"] = M.FusedAttention.enabled and M.FusedAttention._kernels is not None
+    # Whether the batched search ran the compiled energies (FusedAttention; one image is eager).
+    result["fused_attention"] = M.FusedAttention.enabled and M.FusedAttention._kernel is not None
     result["beam_same_captions"] = all(a.tokens[0] == together.tokens[i] for i, a in enumerate(alone))
 
     result["train_speedup_vs_baseline"] = result["train_captions_per_s"] / result["baseline_train_captions_per_s"]

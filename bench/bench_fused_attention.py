@@ -1,15 +1,14 @@
-"""The compiled attention kernels (model.FusedAttention) against the eager ops, alternated in one process.
+"""Decoding with the compiled attention energies (model.FusedAttention) against eager ops, alternated in one process.
 
     python bench/bench_fused_attention.py            # about 3 minutes on 2 cores
     python bench/bench_fused_attention.py --quick    # smoke run
 
 This machine's speed drifts by 10% and more between runs, so both variants run in the same process,
 alternating (on/off, then off/on, ...), after a warm-up of each (the first fused call compiles), and
-the medians are compared. Prints one JSON object with the median seconds of each variant and on/off:
-- train_step_s: forward + loss + backward + fused AdamW at each --train_batch_sizes (default model, 196x2048
-  features, vocabulary 2,600, Flickr8k-like caption lengths, as bench_decoder.py draws them);
+the medians are compared. Default model, 196x2048 features, vocabulary 2,600. Prints one JSON
+object with the median seconds of each variant and on/off:
 - beam_s: beam 5 over --images images together (max length 20, the untrained model never ends);
-- greedy_s: greedy decoding of the same images (max length 20).
+- greedy_s: greedy decoding of the same images (max length 20), as validation runs it.
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench_decoder as BD  # noqa: E402
+import bench_decoder as BD  # noqa: E402  (ids of the special tokens)
 import model as M  # noqa: E402
 
 
@@ -48,14 +47,13 @@ def alternated(run, reps: int, per: int = 1) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--train_batch_sizes", type=int, nargs="+", default=[32, 128])
     p.add_argument("--images", type=int, default=100, help="images decoded together (beam and greedy)")
     p.add_argument("--reps", type=int, default=6, help="timed runs of each variant")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--quick", action="store_true", help="batch 32, 25 images, 2 repetitions (smoke test)")
+    p.add_argument("--quick", action="store_true", help="25 images, 2 repetitions (smoke test)")
     args = p.parse_args(argv)
     if args.quick:
-        args.train_batch_sizes, args.images, args.reps = [32], 25, 2  # still above min_elements
+        args.images, args.reps = 25, 2  # still above min_elements
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -66,17 +64,6 @@ def main(argv=None) -> int:
     if M.FusedAttention.get(M.FusedAttention.min_elements, torch.device("cpu")) is None:
         print(json.dumps({**result, "error": "the fused kernels could not be compiled here"}))
         return 1
-
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    for B in args.train_batch_sizes:
-        batches = BD.make_batches(2, B, P, C, V, gen, "cpu")
-
-        def train_steps():
-            for b in batches:
-                BD.train_step(model, model, opt, b, model.cfg.alpha_c)
-
-        result[f"train_step_s_batch{B}"] = alternated(train_steps, args.reps, per=len(batches))
 
     model.eval()
     with torch.no_grad():
