@@ -228,11 +228,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         summary = data_utils.dry_run(_config(data_utils.DataConfig, args))
         print(json.dumps(summary, indent=2))
         return 0
+    _set_fused_attention(args)
     if args.mode == "test":
         import model
         import test
-
-        _set_fused_attention(args)
 
         if not args.image_path:
             raise ValueError("--mode test needs --image_path FILE_OR_FOLDER [...]")
@@ -245,7 +244,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         import model
         import test_eval
 
-        _set_fused_attention(args)
         test_eval.run_evaluation(
             args.checkpoint, _config(data_utils.DataConfig, args), _config(model.DecodeConfig, args),
             split=args.split, features_dir=args.features_dir, batch_size=args.batch_size or 32,
@@ -259,7 +257,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         import model
         import train
 
-        _set_fused_attention(args)
         if args.mode == "train" and train.is_demo(_config(data_utils.DataConfig, args)):
             # The demo preset fills every field whose flag the user left at its default.
             defaults = vars(build_parser().parse_args([]))
