@@ -540,6 +540,7 @@ def test_fused_attention_stays_off_for_small_tensors_and_cuda():
     assert M.FusedAttention.get(M.FusedAttention.min_elements - 1, torch.device("cpu")) is None
     assert M.FusedAttention.get(1 << 30, torch.device("cuda")) is None
 
+
 def test_a_wide_beam_finds_the_exhaustive_best_caption():
     # Vocabulary of 3 words + specials, at most 3 tokens: a beam of 64 keeps every hypothesis.
     model = features_model(vocab_size=7, seed=4)
