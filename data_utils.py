@@ -40,6 +40,8 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from config import DataConfig
+
 log = logging.getLogger(__name__)
 
 PAD, SOS, EOS, UNK = "<pad>", "<sos>", "<eos>", "<unk>"
@@ -234,41 +236,6 @@ class Vocabulary:
 
 
 # ----------------------------------------------------------------------------- config
-
-@dataclass(frozen=True)
-class DataConfig:
-    dataset_path: str | None = None         # data set folder; None = the embedded demo set
-    captions_file: str | None = None        # overrides detection: token file, captions.txt or JSON
-    images_dir: str | None = None           # overrides detection of the image folder
-    hf_dataset: str | None = None           # HF data set: save_to_disk folder, imagefolder or hub name
-    hf_image_column: str = "image"          # column holding the image
-    hf_caption_columns: tuple[str, ...] | None = None  # None = guess (caption_0.., captions, caption, ...)
-    hf_cache_dir: str | None = None         # where a HF set is materialised; None = data/hf
-    demo_dir: str | None = None             # where the demo set is generated; None = data/demo
-    min_word_freq: int = 5                  # rarer training words become <unk>
-    max_caption_len: int = 35               # words per caption (without <sos>/<eos>); longer: truncated
-    split_sizes: tuple[int, int] | None = None  # (train, val) of seeded splits; None: split_sizes_for
-    split_seed: int = 0                     # seed of the split by image (Kaggle, demo, unsplit HF sets)
-    num_workers: int = 2                    # DataLoader worker processes
-
-    def __post_init__(self):
-        if self.split_sizes is not None:
-            sizes = tuple(int(s) for s in self.split_sizes)
-            if len(sizes) != 2 or min(sizes) < 0 or sizes[0] == 0:
-                raise ValueError(f"split_sizes must be two counts TRAIN VAL (TRAIN > 0), "
-                                 f"got {self.split_sizes}")
-            object.__setattr__(self, "split_sizes", sizes)
-        if self.hf_caption_columns is not None:
-            object.__setattr__(self, "hf_caption_columns", tuple(self.hf_caption_columns))
-        if self.min_word_freq < 1:
-            raise ValueError(f"min_word_freq must be >= 1, got {self.min_word_freq}")
-        if self.max_caption_len < 1:
-            raise ValueError(f"max_caption_len must be >= 1, got {self.max_caption_len}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.hf_dataset is not None and (self.dataset_path or self.captions_file):
-            raise ValueError("give either --hf_dataset or --dataset_path/--captions_file, not both")
-
 
 # ----------------------------------------------------------------------------- records
 

@@ -27,15 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from config import CHANNELS, ENCODERS, NATIVE_SIZE, RESNETS, SMALL_CNN, DecodeConfig, ModelConfig
+
 log = logging.getLogger(__name__)
 
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-SMALL_CNN = "small_cnn"
-ENCODERS = RESNETS + ("inception_v3", SMALL_CNN, "features")
-# Channels of the last feature map of each backbone.
-_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
-             "inception_v3": 2048, SMALL_CNN: 128}
-_NATIVE_SIZE = {"inception_v3": 299, SMALL_CNN: 64}  # everything else: 224
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # A download that cannot connect must fail, not hang (torch.hub's urlopen has no timeout).
@@ -49,90 +45,6 @@ class EncoderWeightsError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Configs
 # --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int                       # V, from the vocabulary
-    encoder: str = "resnet50"             # resnet18/34/50/101/152, inception_v3, small_cnn, or "features" (no CNN)
-    pretrained: bool = True               # ImageNet weights through torchvision's weights API
-    encoder_weights: str | None = None    # local torchvision state-dict file instead of the download
-    encoded_size: int = 14                # adaptive pool of the feature map to S x S, P = S*S
-    image_size: int | None = None         # input crop; None: the encoder's native size (224; 299 Inception)
-    feature_dim: int = 2048               # C; set from the backbone, or by the caller from a features file
-    encoder_proj_dim: int = 0             # 1x1 conv C -> N before attention; 0 = off
-    fine_tune_encoder: bool = False       # train the encoder's last stages (frozen otherwise)
-    # None: set from pretrained/encoder_weights. True (no pretrained weights): fine-tuning trains every
-    # stage and BatchNorm uses batch statistics. Stored concretely, so a rebuild with pretrained=False
-    # (from a checkpoint) keeps the behaviour it was trained with.
-    encoder_from_scratch: bool | None = None
-    embed_dim: int = 512                  # E, word embedding
-    attention_dim: int = 512              # A, additive attention
-    decoder_dim: int = 512                # H, LSTM hidden size of each layer
-    num_layers: int = 2                   # stacked LSTM layers
-    dropout: float = 0.5                  # between LSTM layers and before the output projection
-    alpha_c: float = 1.0                  # weight of the doubly stochastic attention regularisation
-
-    def __post_init__(self) -> None:
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"unknown encoder {self.encoder!r}; expected one of {', '.join(ENCODERS)}")
-        if self.encoder != "features":
-            # The backbone decides C; storing it keeps asdict(cfg) in a checkpoint self-describing.
-            object.__setattr__(self, "feature_dim", _CHANNELS[self.encoder])
-        if self.encoder == SMALL_CNN and (self.pretrained or self.encoder_weights):
-            raise ValueError(f"--encoder {SMALL_CNN} has no pretrained weights; pass --no-pretrained "
-                             f"(and --fine_tune_encoder to train it)")
-        if self.encoder_from_scratch is None:
-            object.__setattr__(self, "encoder_from_scratch", not (self.pretrained or self.encoder_weights))
-        if self.encoder == "features" and self.fine_tune_encoder:
-            raise ValueError("--fine_tune_encoder needs an image encoder, but the model reads cached features")
-        for name in ("vocab_size", "encoded_size", "feature_dim", "embed_dim", "attention_dim",
-                     "decoder_dim", "num_layers"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.vocab_size < 5:
-            raise ValueError(f"vocab_size must be at least 5 (4 special tokens and a word), got {self.vocab_size}")
-        if self.image_size is not None and self.image_size < 32:
-            raise ValueError(f"image_size must be at least 32 pixels (or None for the encoder's native size), "
-                             f"got {self.image_size}")
-        if self.encoder_proj_dim < 0:
-            raise ValueError(f"encoder_proj_dim must be 0 (off) or a positive channel count, got {self.encoder_proj_dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.alpha_c < 0:
-            raise ValueError(f"alpha_c must be >= 0, got {self.alpha_c}")
-
-    @property
-    def input_size(self) -> int:
-        """Side of the square crop the encoder sees."""
-        return self.image_size or _NATIVE_SIZE.get(self.encoder, 224)
-
-    @property
-    def num_positions(self) -> int:
-        """P for an image encoder (a features file brings its own)."""
-        return self.encoded_size * self.encoded_size
-
-    @property
-    def attend_dim(self) -> int:
-        """D: channels the decoder attends over."""
-        return self.encoder_proj_dim or self.feature_dim
-
-
-@dataclass(frozen=True)
-class DecodeConfig:
-    beam_size: int = 5                    # K; 1 = greedy
-    max_len: int = 35                     # most tokens generated per caption (words and <eos>)
-    length_penalty: float = 0.0           # rank by score / length**penalty; 0 = raw log-probability
-    block_repeat_trigrams: bool = False   # never repeat a word trigram within a caption
-    suppress_unk: bool = True             # never emit <unk>
-
-    def __post_init__(self) -> None:
-        if self.beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
-        if self.max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
-        if self.length_penalty < 0:
-            raise ValueError(f"length_penalty must be >= 0, got {self.length_penalty}")
-
 
 @dataclass
 class Decoded:
@@ -214,7 +126,7 @@ def _small_cnn() -> nn.Sequential:
     not circle against square), and frozen random features plateau below the demo's target.
     """
     stages, channels = [], 3
-    for out, stride in ((32, 2), (64, 2), (128, 2), (_CHANNELS[SMALL_CNN], 1)):
+    for out, stride in ((32, 2), (64, 2), (128, 2), (CHANNELS[SMALL_CNN], 1)):
         stages.append(nn.Sequential(nn.Conv2d(channels, out, 3, stride, 1, bias=False), nn.BatchNorm2d(out),
                                     nn.ReLU(inplace=True)))
         channels = out
@@ -253,7 +165,7 @@ class Encoder(nn.Module):
         self.from_scratch = bool(cfg.encoder_from_scratch)
         self._tune_from = 0 if self.from_scratch else tune_from
         self.pool = nn.AdaptiveAvgPool2d(cfg.encoded_size)
-        self.channels = _CHANNELS[name]
+        self.channels = CHANNELS[name]
         self.fine_tune(cfg.fine_tune_encoder)
 
     def fine_tune(self, enabled: bool) -> None:

@@ -32,15 +32,12 @@ from torch import nn
 from tqdm import tqdm
 
 import checkpoint as ckpt_lib
+from config import AMP_MODES, DEVICES, OPTIMIZERS, WANDB_MODES, TrainConfig, _choice
 import data_utils
 import model as model_lib
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw", "adam")
-AMP_MODES = ("auto", "off", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 # `python main.py --mode train` with no data set: what a 2-core CPU trains in minutes on the
@@ -73,65 +70,6 @@ DEMO_PRESET: dict[str, Any] = {
     "num_workers": 0,
     "min_word_freq": 1,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    optimizer: str = "adamw"            # adamw (decoupled weight decay) or adam
-    lr: float = 5e-4                    # decoder learning rate
-    encoder_lr: float = 1e-4            # encoder learning rate, used with fine_tune_encoder
-    weight_decay: float = 1e-2          # AdamW weight decay (torch's default); adam: L2
-    batch_size: int = 128               # captions per step (per process under DDP)
-    epochs: int = 100                   # upper bound; early stopping usually ends sooner
-    patience: int = 5                   # epochs without a better val BLEU-4 before stopping
-    lr_patience: int = 2                # epochs without a better val BLEU-4 before the lr drops
-    lr_factor: float = 0.5              # ReduceLROnPlateau: lr *= factor on a plateau
-    grad_clip: float = 5.0              # max global gradient norm; 0 turns clipping off
-    max_bad_steps: int = 5              # NaN/inf losses in a row that stop training
-    amp: str = "auto"                   # auto: bf16 (else fp16 + scaler) on CUDA, off on CPU
-    device: str = "auto"                # auto: cuda when available, else cpu
-    multi_gpu: bool = False             # nn.DataParallel over the visible GPUs
-    seed: int = 0                       # seeds python, numpy and torch: CPU runs repeat exactly
-    threads: int | None = None          # torch CPU threads; None: torch's default (all cores)
-    wandb: str = "auto"                 # auto: online with credentials, else offline
-    wandb_project: str = "captioner"    # wandb project name
-    wandb_entity: str | None = None     # wandb team or user; None: the account default
-    wandb_timeout: float = 30.0         # seconds wandb may take to start before it is dropped
-    tensorboard: bool = False           # also write TensorBoard scalars and captions
-    save_every: int = 0                 # also keep epoch_NNN.pt every N epochs; 0: off
-    keep_last: int = 0                  # epoch_NNN.pt files kept; 0: all
-    group_by_image: bool = True         # end to end: an image's captions share a batch and a CNN pass
-    weights_dir: str = "weights"        # checkpoints, vocab.json, history.json, runs/
-    graphs_dir: str = "graphs"          # loss.png, bleu.png
-    features_dir: str | None = None     # train on features.npy + names.json from this folder
-    features_root: str = "data/features"  # where cached encoder features are kept
-    cache_features: bool = True         # frozen encoder: run the CNN once per image, cache it
-    resume: str | None = None           # checkpoint path, or "auto" for <weights_dir>/last.pt
-    num_samples: int = 4                # validation captions shown per epoch (wandb/TensorBoard)
-
-    def __post_init__(self):
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("amp", self.amp, AMP_MODES)
-        _choice("device", self.device, DEVICES)
-        _choice("wandb", self.wandb, WANDB_MODES)
-        for name in ("lr", "encoder_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {self.threads}")
-        for name in ("batch_size", "epochs", "max_bad_steps", "num_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("patience", "lr_patience", "save_every", "keep_last", "weight_decay", "grad_clip", "wandb_timeout"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.lr_factor < 1:
-            raise ValueError(f"--lr_factor must be between 0 and 1, got {self.lr_factor}")
-
-
-def _choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"--{name} {value!r} is not one of {', '.join(choices)}")
 
 
 # ---------------------------------------------------------------- demo preset
