@@ -1,0 +1,74 @@
+"""Where tensors run: the one device rule, the AMP dtype, autocast, and host-to-device copies.
+
+Every mode (train, extract, test, eval, serve) resolves `--device` and `--amp` here, so they
+mean the same everywhere.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from config import AMP_MODES
+
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(choice: str | torch.device | None = "auto", local_rank: int | None = None) -> torch.device:
+    """`auto` (or None) picks CUDA when present, else the CPU; `cuda` without a GPU is an error,
+    never a silent CPU run. Under torchrun (`local_rank` given) `cuda` means this rank's GPU."""
+    if isinstance(choice, torch.device):
+        choice = str(choice)
+    choice = "auto" if choice is None else choice
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {choice!r} is not a device; expected {DEVICE_FORMS}") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise ValueError(f"--device {choice!r} is not supported; expected {DEVICE_FORMS}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {choice} was asked for but no CUDA GPU is visible; use --device cpu")
+    if device.index is None:
+        index = local_rank if local_rank is not None else torch.cuda.current_device()
+        device = torch.device("cuda", index)
+    if device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {choice}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `--amp`, or None for full float32.
+
+    auto: bf16 on a CUDA GPU that has it, else fp16 (with the gradient scaler); off on the CPU.
+    """
+    if mode not in AMP_MODES:
+        raise ValueError(f"--amp {mode!r} is not one of {', '.join(AMP_MODES)}")
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device (float16 on CPU is slow and needs a "
+                         "gradient scaler); use --amp bf16 or --amp off")
+    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision on `device` when `dtype` is given; a no-op context otherwise."""
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32,
+                          enabled=dtype is not None)
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy to `device` without waiting: asynchronous from pinned host memory (loaders pin it)."""
+    return x.to(device, non_blocking=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DataParallel/DDP wrappers."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
