@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save, safe load, and rebuilding the model and vocabulary from one.
+"""Checkpoints: what one holds, atomic save, safe load, and rebuilding the model from one.
 
 A checkpoint is a dict of state dicts and plain data (see ARCHITECTURE.md), loaded with
 `torch.load(..., weights_only=True)` so that opening a file from elsewhere cannot run code.
@@ -8,11 +8,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
+import pickle
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from config import ModelConfig
+from data_utils import Vocabulary
+import fileio
+import model as model_lib
 
 logger = logging.getLogger(__name__)
 
@@ -26,51 +33,40 @@ REQUIRED_KEYS = ("format", "model_config", "vocab", "model")
 INIT_ONLY_FIELDS = ("pretrained", "encoder_weights")
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Write `state` to `path` atomically.
+# ---------------------------------------------------------------- files
 
-    The bytes go to a temporary file in the same folder (same file system, so the rename is
-    atomic), are flushed and fsynced, and only then replace `path`. A crash or `kill -9` at any
-    moment leaves either the old file or the new one, never a half-written `path`.
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Write `state` to `path` atomically (fileio.atomic_write).
+
+    A crash, `kill -9`, a full disk or a permission error at any moment leaves either the old
+    file or the new one, never a half-written `path`. A failed write raises OSError with a
+    one-line message naming the file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave temp files behind.
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+        fileio.atomic_write(path, lambda f: torch.save(state, f))
+    except OSError as exc:
+        kept = "the previous file is unchanged" if path.exists() else "nothing was written"
+        raise OSError(exc.errno, f"cannot write checkpoint {path}: {exc.strerror or exc}; {kept}") from None
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Persist the rename itself (the directory entry); a no-op where directories cannot be opened."""
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+def _load_error(path: Path, exc: Exception) -> ValueError:
+    """The one-line reason torch.load failed, in the user's terms."""
+    text = str(exc).strip()
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower():
+        # torch's message goes on to advise weights_only=False: never do that with a foreign file.
+        return ValueError(f"checkpoint {path} is not a checkpoint this toolkit wrote: it holds "
+                          f"pickled Python objects (code), which are never loaded")
+    reason = text.splitlines()[0] if text else type(exc).__name__
+    return ValueError(f"checkpoint {path} cannot be read (truncated, corrupt or not a "
+                      f"checkpoint): {reason[:200]}")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Load a checkpoint safely (`weights_only=True`).
 
     Raises FileNotFoundError when `path` does not exist, ValueError with a one-line reason naming
-    the path when it is a folder, truncated, corrupt, not a checkpoint, or of another format.
+    the path when it is a folder, truncated, corrupt, holds code, or is of another format.
     """
     path = Path(path)
     if not path.exists():
@@ -80,9 +76,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... by case
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"checkpoint {path} cannot be read (truncated, corrupt or not a "
-                         f"checkpoint): {reason[:200]}") from None
+        raise _load_error(path, exc) from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict "
                          f"with format {FORMAT!r}")
@@ -94,45 +88,124 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     return ckpt
 
 
-def model_config_from_dict(values: dict):
-    """Rebuild a ModelConfig from its saved dict; fields this version does not know are an error."""
-    from model import ModelConfig
+# ---------------------------------------------------------------- contents
 
+def to_plain(obj):
+    """Config values as plain data for checkpoints (weights_only) and JSON."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states as plain data (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state = {"python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "torch": torch.get_rng_state(), "cuda": []}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved (CUDA states for the GPUs that are visible)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"])[: torch.cuda.device_count()])
+
+
+def training_checkpoint(model: torch.nn.Module, vocab: Vocabulary, model_cfg: ModelConfig, *,
+                        train_cfg, data_cfg, epoch: int, step_in_epoch: int = 0,
+                        partial: dict | None = None, best_score: float, history: list[dict],
+                        optimizer, scheduler, scaler, early_stopping: dict,
+                        features: dict | None) -> dict:
+    """Everything a run needs to resume exactly: weights, configs, counters and RNG states.
+
+    `epoch` counts finished epochs; `step_in_epoch` > 0 (with `partial`, the epoch's running
+    sums) marks a save in the middle of epoch `epoch + 1`. `model` is unwrapped (no DP/DDP).
+    """
+    return {"format": FORMAT, "model_config": to_plain(model_cfg), "vocab": vocab.to_list(),
+            "model": model.state_dict(), "train_config": to_plain(train_cfg),
+            "data_config": to_plain(data_cfg), "epoch": epoch, "step_in_epoch": step_in_epoch,
+            "partial": partial if step_in_epoch else None, "best_score": float(best_score),
+            "history": list(history), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "early_stopping": dict(early_stopping), "rng": rng_state(), "features": features}
+
+
+# ---------------------------------------------------------------- rebuilding
+
+def model_config_from_dict(values: dict) -> ModelConfig:
+    """Rebuild a ModelConfig from its saved dict; fields this version does not know are an error."""
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"checkpoint model config has fields this version does not know: "
                          f"{', '.join(unknown)}")
-    # JSON-like round trips turn tuples into lists; the config's own fields are scalars today,
-    # but keep tuples tuples so frozen dataclasses stay hashable.
+    # JSON-like round trips turn tuples into lists; keep tuples tuples so frozen dataclasses
+    # stay hashable.
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return ModelConfig(**values)
 
 
-def model_from_checkpoint(ckpt: dict):
-    """Rebuild (CaptionModel, Vocabulary, ModelConfig) from a loaded checkpoint, in eval mode.
+def _load_weights(model: torch.nn.Module, state: dict) -> None:
+    try:
+        model.load_state_dict(strip_module_prefix(state))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ValueError(f"checkpoint weights do not fit its model config: "
+                         f"{' '.join(s.strip() for s in first[:3])[:300]}") from None
 
-    The encoder is built without downloading ImageNet weights: the saved state dict replaces them.
-    """
-    from data_utils import Vocabulary
-    from model import build_model
 
+def _build_without_download(cfg: ModelConfig) -> model_lib.CaptionModel:
+    """The model of `cfg` without ImageNet weights: a checkpoint's state dict replaces them."""
+    return model_lib.build_model(dataclasses.replace(cfg, pretrained=False, encoder_weights=None))
+
+
+def model_from_checkpoint(ckpt: dict) -> tuple[model_lib.CaptionModel, Vocabulary, ModelConfig]:
+    """Rebuild (CaptionModel, Vocabulary, ModelConfig) from a loaded checkpoint, in eval mode."""
     cfg = model_config_from_dict(ckpt["model_config"])
     vocab = Vocabulary.from_list(list(ckpt["vocab"]))
     if len(vocab) != cfg.vocab_size:
         raise ValueError(f"checkpoint vocabulary has {len(vocab)} words but its model config "
                          f"says vocab_size={cfg.vocab_size}")
-    build_cfg = dataclasses.replace(cfg, pretrained=False, encoder_weights=None)
-    model = build_model(build_cfg)
-    state = strip_module_prefix(ckpt["model"])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise ValueError(f"checkpoint weights do not fit its model config: "
-                         f"{' '.join(s.strip() for s in first[:3])[:300]}") from None
+    model = _build_without_download(cfg)
+    _load_weights(model, ckpt["model"])
     model.eval()
     return model, vocab, cfg
+
+
+def build_or_restore_model(model_cfg: ModelConfig, ckpt: dict | None,
+                           path: str | os.PathLike = "checkpoint") -> tuple[model_lib.CaptionModel, ModelConfig]:
+    """(model, model_cfg): a new model, or the checkpoint's weights in a model of the requested
+    config (ValueError naming every field where the two differ)."""
+    if ckpt is None:
+        return model_lib.build_model(model_cfg), model_cfg
+    # How the encoder was initialised is the checkpoint's business (its weights replace any
+    # initialisation): take those fields from it, compare the rest.
+    saved = ckpt["model_config"]
+    init = {f: saved[f] for f in INIT_ONLY_FIELDS + ("encoder_from_scratch",) if f in saved}
+    model_cfg = dataclasses.replace(model_cfg, **init)
+    check_model_config(ckpt, model_cfg, path)
+    model = _build_without_download(model_cfg)
+    _load_weights(model, ckpt["model"])
+    return model, model_cfg
 
 
 def strip_module_prefix(state: dict) -> dict:
