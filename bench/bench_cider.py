@@ -1,0 +1,86 @@
+"""Speed of the CIDEr-D reward: cider.CiderD against pycocoevalcap's Cider on the same batch.
+
+    python bench/bench_cider.py            # a few seconds on 2 cores
+    python bench/bench_cider.py --json     # one JSON object on stdout
+
+A Flickr8k-sized synthetic training corpus (6,000 images x 5 references, Zipf-distributed words,
+about 12 tokens a caption) gives the document frequencies once (`build_s`); then a batch of
+128 images x 5 sampled captions is scored against each image's 5 references, as one SCST step
+scores its samples: `ours_ms` (median of --repeats) and `pycocoevalcap_ms` for the same 640
+candidates (which takes its document frequencies from the batch itself, so its scores differ).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+from pycocoevalcap.cider.cider import Cider
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from cider import CiderD  # noqa: E402
+
+
+def synthetic_captions(rng: np.random.Generator, n_captions: int, vocab: list[str]) -> list[list[str]]:
+    """Captions of Zipf-distributed words (rank r drawn with weight 1/r), 6..18 tokens long."""
+    weights = 1.0 / np.arange(1, len(vocab) + 1)
+    lengths = rng.integers(6, 19, size=n_captions)
+    ids = rng.choice(len(vocab), size=int(lengths.sum()), p=weights / weights.sum())
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    return [[vocab[i] for i in ids[a:b]] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def run(images: int, samples: int, refs: int, corpus_images: int, vocab_size: int, repeats: int) -> dict:
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(vocab_size)]
+    flat = synthetic_captions(rng, corpus_images * refs, vocab)
+    corpus = [flat[i * refs:(i + 1) * refs] for i in range(corpus_images)]
+    start = time.perf_counter()
+    scorer = CiderD(corpus)
+    build_s = time.perf_counter() - start
+
+    batch_refs = corpus[:images]
+    candidates = synthetic_captions(rng, images * samples, vocab)
+    ref_index = np.repeat(np.arange(images), samples)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        scores = scorer.score(candidates, batch_refs, ref_index)
+        times.append(time.perf_counter() - start)
+
+    gts = {s: [" ".join(r) for r in batch_refs[ref_index[s]]] for s in range(len(candidates))}
+    res = {s: [" ".join(c)] for s, c in enumerate(candidates)}
+    start = time.perf_counter()
+    Cider().compute_score(gts, res)
+    coco_s = time.perf_counter() - start
+    return {"candidates": len(candidates), "refs_per_image": refs, "corpus_images": corpus_images,
+            "build_s": round(build_s, 2), "ours_ms": round(1000 * statistics.median(times), 1),
+            "pycocoevalcap_ms": round(1000 * coco_s, 1), "mean_score": round(float(scores.mean()), 4)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=128, help="images in the batch")
+    parser.add_argument("--samples", type=int, default=5, help="sampled captions per image")
+    parser.add_argument("--refs", type=int, default=5, help="references per image")
+    parser.add_argument("--corpus_images", type=int, default=6000, help="images of the df corpus")
+    parser.add_argument("--vocab", type=int, default=3000, help="distinct words")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls of CiderD.score")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    result = run(args.images, args.samples, args.refs, args.corpus_images, args.vocab, args.repeats)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"df corpus of {result['corpus_images']} images x {args.refs} refs built in {result['build_s']} s")
+        print(f"{result['candidates']} candidates x {args.refs} refs: CiderD.score {result['ours_ms']} ms, "
+              f"pycocoevalcap Cider {result['pycocoevalcap_ms']} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
