@@ -429,7 +429,7 @@ def _decode_split(captioner, records, decode_cfg, *, features_dir=None, batch_si
     from tqdm import tqdm
 
     import data_utils
-    import model as model_mod
+    import decoding
 
     if features_dir is not None:
         store = data_utils.FeatureStore.open(features_dir)
@@ -452,8 +452,8 @@ def _decode_split(captioner, records, decode_cfg, *, features_dir=None, batch_si
                 feats = feats.to(captioner.device, dtype=torch.float32)  # (B, P, C)
             else:
                 feats = model.encode(images.to(captioner.device))  # (B, P, C)
-            out = model_mod.decode(model, feats, sos_id=vocab.sos_id, eos_id=vocab.eos_id,
-                                   unk_id=vocab.unk_id, cfg=decode_cfg)
+            out = decoding.decode(model, feats, sos_id=vocab.sos_id, eos_id=vocab.eos_id,
+                                  unk_id=vocab.unk_id, cfg=decode_cfg)
         idx = [int(i) for i in batch.image_idx]
         assert len(idx) == len(out.tokens)
         for i, ids in zip(idx, out.tokens):

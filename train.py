@@ -34,6 +34,7 @@ from tqdm import tqdm
 import checkpoint as ckpt_lib
 from config import AMP_MODES, DEVICES, OPTIMIZERS, WANDB_MODES, TrainConfig, _choice
 import data_utils
+import decoding
 import model as model_lib
 
 logger = logging.getLogger(__name__)
@@ -478,8 +479,8 @@ def validate(caption_loader, image_loader, model: nn.Module, vocab, device: torc
             continue
         with autocast(device, amp_dtype):
             feats = _features(model, batch_inputs(batch, device))  # (B, P, C)
-            out = model_lib.greedy_decode(model, feats, sos_id=vocab.sos_id, eos_id=vocab.eos_id,
-                                          unk_id=vocab.unk_id, cfg=decode_cfg)
+            out = decoding.greedy_decode(model, feats, sos_id=vocab.sos_id, eos_id=vocab.eos_id,
+                                         unk_id=vocab.unk_id, cfg=decode_cfg)
         for i, idx in enumerate(batch.image_idx.tolist()):
             record = records[idx]
             words = vocab.decode(out.tokens[i])

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data_utils  # noqa: E402
+import decoding  # noqa: E402
 import model as model_lib  # noqa: E402
 import train  # noqa: E402
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             decoded = 0
             for batch in val_loader:
                 with train.autocast(device, amp_dtype):
-                    out = model_lib.greedy_decode(model, batch.features.to(device), sos_id=vocab.sos_id,
+                    out = decoding.greedy_decode(model, batch.features.to(device), sos_id=vocab.sos_id,
                                                   eos_id=vocab.eos_id, unk_id=vocab.unk_id,
                                                   cfg=model_lib.DecodeConfig(beam_size=1, max_len=35))
                 decoded += len(out.tokens)

@@ -9,6 +9,7 @@ from PIL import Image
 
 import helpers_infer as hi
 from helpers_infer import one_torch_thread  # noqa: F401  (autouse fixture)
+import decoding
 import main
 import model
 import test as captioning
@@ -73,14 +74,14 @@ def test_model_loaded_once_and_images_batched(ckpt, photos, monkeypatch):
     import checkpoint
 
     loads, batches = [], []
-    real_load, real_decode = checkpoint.load_checkpoint, model.decode
+    real_load, real_decode = checkpoint.load_checkpoint, decoding.decode
     monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a, **k: loads.append(a) or real_load(*a, **k))
 
     def counting_decode(m, feats, **kw):
         batches.append(feats.shape[0])
         return real_decode(m, feats, **kw)
 
-    monkeypatch.setattr(model, "decode", counting_decode)
+    monkeypatch.setattr(decoding, "decode", counting_decode)
     cfg = model.DecodeConfig(beam_size=2)
     batched = captioning.caption_paths([photos], ckpt, cfg, "cpu", batch_size=2)
     assert len(loads) == 1 and batches == [2, 1]

@@ -12,6 +12,7 @@ import data_utils
 import helpers_infer as hi
 from helpers_infer import one_torch_thread  # noqa: F401  (autouse fixture)
 import main
+import decoding
 import model
 import test_eval
 
@@ -154,13 +155,13 @@ def test_eval_writes_results_and_pictures_and_decodes_each_image_once(tiny_set, 
     test_names = sorted(r.name for r in data_utils.load_dataset(data_cfg(tiny_set)).test)
     assert len(test_names) == 4
     decoded = []
-    real_decode = model.decode
+    real_decode = decoding.decode
 
     def counting_decode(m, feats, **kw):
         decoded.append(feats.shape[0])
         return real_decode(m, feats, **kw)
 
-    monkeypatch.setattr(model, "decode", counting_decode)
+    monkeypatch.setattr(decoding, "decode", counting_decode)
     monkeypatch.chdir(tmp_path)
     results = tmp_path / "results"
     rc = main.main(["--mode", "eval", "--dataset_path", str(tiny_set), "--checkpoint", str(ckpt),
