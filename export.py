@@ -1,0 +1,274 @@
+"""Export a trained captioner as a self-contained folder anyone can load (`--mode export`).
+
+The folder holds four files, so that loading it runs no code and needs nothing from this checkout's
+training outputs:
+- `model.safetensors`: the model's tensors (safetensors: a header and raw bytes, no pickle),
+- `vocab.json`: the word list (id = position),
+- `config.json`: the model config, the encoder's preprocessing, default decoding settings and the
+  folder's format version,
+- `README.md`: a model card (architecture, training data and split, metrics, how to caption, licence).
+
+`config.json` is written last: a folder without it is an interrupted export and is refused on load.
+`read_model_folder` returns the same dict shape as `checkpoint.load_checkpoint` does for a `.pt`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import checkpoint
+import fileio
+from config import DecodeConfig, ModelConfig
+from model import image_transform
+
+logger = logging.getLogger(__name__)
+
+FOLDER_FORMAT = "captioner-folder"
+FORMAT_VERSION = 1
+WEIGHTS_FILE, VOCAB_FILE, CONFIG_FILE, CARD_FILE = "model.safetensors", "vocab.json", "config.json", "README.md"
+FILES = (WEIGHTS_FILE, VOCAB_FILE, CONFIG_FILE, CARD_FILE)
+
+
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """True for a folder meant to be an exported model (it has a config.json or model.safetensors)."""
+    p = Path(path)
+    return p.is_dir() and ((p / CONFIG_FILE).exists() or (p / WEIGHTS_FILE).exists())
+
+
+# ---------------------------------------------------------------------------- writing
+
+def export_model(ckpt: dict, out_dir: str | os.PathLike, *, eval_metrics: dict[str, dict] | None = None,
+                 decode_cfg: DecodeConfig | None = None, overwrite: bool = False,
+                 source: str | None = None) -> Path:
+    """Write the model folder for a loaded checkpoint dict; returns the folder.
+
+    `eval_metrics` maps a split to its `eval_<split>.json` summary (`eval_summaries` finds them).
+    A folder that exists and holds anything is refused unless `overwrite`; then only the four
+    export files are replaced and anything else in it is left alone.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file, expected a folder for the exported model")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--output {out} exists and is not empty; choose a new folder, or pass "
+                         f"--overwrite to replace its model files")
+    model_cfg = checkpoint.model_config_from_dict(ckpt["model_config"])
+    state = checkpoint.strip_module_prefix(ckpt["model"])
+    # Refuse a checkpoint whose weights do not fit its config now, not when someone loads the export.
+    checkpoint.model_from_checkpoint({**ckpt, "model": state})
+    decode_cfg = decode_cfg or DecodeConfig()
+    config = folder_config(ckpt, model_cfg, decode_cfg)
+
+    from safetensors.torch import save as safetensors_bytes
+
+    # Own contiguous CPU copies: safetensors refuses views and tensors that share storage.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    data = safetensors_bytes(tensors, metadata={"format": "pt"})
+    out.mkdir(parents=True, exist_ok=True)
+    fileio.atomic_write(out / WEIGHTS_FILE, lambda f: f.write(data))
+    fileio.write_json(out / VOCAB_FILE, list(ckpt["vocab"]))
+    card = model_card(config, ckpt, eval_metrics or {}, out.name, source)
+    fileio.atomic_write(out / CARD_FILE, lambda f: f.write(card.encode("utf-8")))
+    fileio.write_json(out / CONFIG_FILE, config)
+    logger.info("exported %s to %s", source or "checkpoint", out)
+    return out
+
+
+def folder_config(ckpt: dict, model_cfg: ModelConfig, decode_cfg: DecodeConfig) -> dict:
+    """The contents of config.json."""
+    features = ckpt.get("features")
+    needs = "features" if model_cfg.encoder == "features" else "images"
+    preprocessing = describe_transform(model_cfg) if needs == "images" else None
+    return {"format": FOLDER_FORMAT, "format_version": FORMAT_VERSION, "input": needs,
+            "model_config": dataclasses.asdict(model_cfg), "preprocessing": preprocessing,
+            "decoding": dataclasses.asdict(decode_cfg),
+            "features": features if isinstance(features, dict) else None,
+            "epoch": ckpt.get("epoch"), "data_config": ckpt.get("data_config")}
+
+
+def describe_transform(model_cfg: ModelConfig) -> list[dict]:
+    """model.image_transform(cfg, train=False) as plain data, for readers outside this toolkit."""
+    steps = []
+    for t in image_transform(model_cfg, train=False).transforms:
+        step = {"op": type(t).__name__}
+        for attr in ("size", "mean", "std"):
+            if hasattr(t, attr):
+                value = getattr(t, attr)
+                step[attr] = list(value) if isinstance(value, (tuple, list)) else value
+        if hasattr(t, "interpolation"):
+            step["interpolation"] = str(t.interpolation.value)
+        steps.append(step)
+    return steps
+
+
+def eval_summaries(checkpoint_path: str | os.PathLike) -> dict[str, dict]:
+    """The `eval_<split>.json` summaries beside a checkpoint file, by split (unreadable ones skipped)."""
+    found = {}
+    for path in sorted(Path(checkpoint_path).parent.glob("eval_*.json")):
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            logger.warning("ignoring %s: %s", path, exc)
+            continue
+        if isinstance(summary, dict) and isinstance(summary.get("metrics"), dict):
+            found[str(summary.get("split") or path.stem[len("eval_"):])] = summary
+    return found
+
+
+def _architecture_lines(cfg: ModelConfig) -> list[str]:
+    if cfg.encoder == "features":
+        enc = f"no image encoder: reads precomputed features of {cfg.feature_dim} channels"
+    else:
+        enc = (f"{cfg.encoder} ({'ImageNet-initialised' if not cfg.encoder_from_scratch else 'trained from scratch'}, "
+               f"{'fine-tuned' if cfg.fine_tune_encoder else 'frozen'}), {cfg.input_size} px input, "
+               f"{cfg.encoded_size}x{cfg.encoded_size} attention grid")
+    return [f"- Encoder: {enc}.",
+            f"- Decoder: Show, Attend and Tell soft attention, {cfg.num_layers}-layer LSTM of {cfg.decoder_dim} units, "
+            f"embedding {cfg.embed_dim}, attention {cfg.attention_dim}, vocabulary of {cfg.vocab_size} words."]
+
+
+def _data_lines(ckpt: dict) -> list[str]:
+    data = ckpt.get("data_config") or {}
+    if data.get("hf_dataset"):
+        where = f"the Hugging Face data set `{data['hf_dataset']}`"
+    elif data.get("dataset_path"):
+        where = f"`{Path(data['dataset_path']).name}` (Flickr8k layout: Karpathy split, token file or Kaggle captions)"
+    elif data:
+        where = "the toolkit's generated demo set (synthetic shapes, not photos)"
+    else:
+        where = "not recorded in the checkpoint"
+    lines = [f"- Data: {where}."]
+    if data:
+        sizes = data.get("split_sizes")
+        split = f"{sizes[0]} train / {sizes[1]} val images, the rest test" if sizes else \
+            "the data set's own split, or 6000/1000/rest (80/10/10 below 7,000 images)"
+        lines.append(f"- Split: {split}, seeded by image (seed {data.get('split_seed', 0)}); "
+                     f"words seen fewer than {data.get('min_word_freq', '?')} times are `<unk>`.")
+    if ckpt.get("epoch") is not None:
+        lines.append(f"- Trained for {ckpt['epoch']} epoch(s).")
+    return lines
+
+
+def _metric_lines(eval_metrics: dict[str, dict]) -> list[str]:
+    if not eval_metrics:
+        return ["Not evaluated: no `eval_<split>.json` was found beside the checkpoint "
+                "(run `python main.py --mode eval` before exporting)."]
+    names = sorted({m for s in eval_metrics.values() for m in s["metrics"]})
+    lines = ["| split | images | beam | " + " | ".join(names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for split, s in eval_metrics.items():
+        beam = (s.get("decoding") or {}).get("beam_size", "?")
+        vals = [f"{s['metrics'][m]:.4f}" if isinstance(s["metrics"].get(m), (int, float)) else "-" for m in names]
+        lines.append(f"| {split} | {s.get('num_images', '?')} | {beam} | " + " | ".join(vals) + " |")
+    return lines
+
+
+def model_card(config: dict, ckpt: dict, eval_metrics: dict[str, dict], name: str, source: str | None) -> str:
+    """The exported folder's README.md."""
+    cfg = checkpoint.model_config_from_dict(config["model_config"])
+    if config["input"] == "features":
+        usage = ["This model was trained on precomputed features, not photos: it has no image encoder.",
+                 "Caption a features directory of the same kind (`features.npy` + `names.json`) with:", "",
+                 f"    python main.py --mode eval --checkpoint {name} --features_dir FEATURES_DIR"]
+    else:
+        usage = ["    python main.py --mode test --checkpoint " + name + " --image_path photo.jpg",
+                 "    python main.py --mode serve --checkpoint " + name + "   # a local web page",
+                 "", "or with `--checkpoint hf://OWNER/NAME` once it is on the Hugging Face Hub."]
+    lines = [f"# {name}: an image captioner (Show, Attend and Tell)", "",
+             "Exported by this toolkit's `--mode export`" + (f" from `{source}`" if source else "") + ".", "",
+             "## Architecture", *_architecture_lines(cfg), "",
+             "## Training data", *_data_lines(ckpt), "",
+             "## Metrics", *_metric_lines(eval_metrics), "",
+             "## How to caption with it", *usage, "",
+             f"Files: `{WEIGHTS_FILE}` (tensors), `{VOCAB_FILE}`, `{CONFIG_FILE}` (model config, preprocessing, "
+             f"default decoding, format version {FORMAT_VERSION}).", "",
+             "## Licence note",
+             "The Flickr8k photos and captions are for research use only (see the data set's terms); "
+             "they are not part of this folder, but the weights were learnt from them. Check the terms of "
+             "your training data before using this model beyond research.", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- reading
+
+def _read_json(folder: Path, name: str):
+    path = folder / name
+    if not path.is_file():
+        raise ValueError(f"model folder {folder} lacks {name} (an export has {', '.join(FILES[:3])})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+
+
+def read_model_folder(folder: str | os.PathLike) -> dict:
+    """Load an exported folder as a checkpoint dict (format, model_config, vocab, model, features, ...).
+
+    Raises FileNotFoundError when the folder does not exist, ValueError with a one-line reason for
+    a missing file, bad JSON, another format or an unknown format version, or unreadable tensors.
+    Tensors that do not fit the config are refused when the model is rebuilt
+    (`checkpoint.model_from_checkpoint`).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    config = _read_json(folder, CONFIG_FILE)
+    if not isinstance(config, dict) or config.get("format") != FOLDER_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{folder / CONFIG_FILE} has format {found!r}, expected {FOLDER_FORMAT!r}")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{folder / CONFIG_FILE} has format_version {config.get('format_version')!r}; "
+                         f"this version reads {FORMAT_VERSION} (update the toolkit or re-export)")
+    if not isinstance(config.get("model_config"), dict):
+        raise ValueError(f"{folder / CONFIG_FILE} lacks a model_config object")
+    vocab = _read_json(folder, VOCAB_FILE)
+    if not isinstance(vocab, list) or not all(isinstance(w, str) for w in vocab):
+        raise ValueError(f"{folder / VOCAB_FILE} must be a JSON list of words")
+    state = _read_weights(folder / WEIGHTS_FILE)
+    return {"format": checkpoint.FORMAT, "model_config": config["model_config"], "vocab": vocab,
+            "model": state, "features": config.get("features"), "decoding": config.get("decoding"),
+            "epoch": config.get("epoch"), "data_config": config.get("data_config"), "source": str(folder)}
+
+
+def _read_weights(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"model folder {path.parent} lacks {path.name} (an export has {', '.join(FILES[:3])})")
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises SafetensorError, OSError, ... by case
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path} cannot be read (truncated or not safetensors): {reason[:200]}") from None
+
+
+def decode_config_from(ckpt: dict, fallback: DecodeConfig | None = None) -> DecodeConfig:
+    """The decoding defaults an exported folder carries (fields this version lacks are ignored)."""
+    saved = ckpt.get("decoding")
+    if not isinstance(saved, dict):
+        return fallback or DecodeConfig()
+    known = {f.name for f in dataclasses.fields(DecodeConfig)}
+    return DecodeConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+# ---------------------------------------------------------------------------- the command
+
+def run_export(checkpoint_path: str | os.PathLike, output: str | os.PathLike, *, push_to_hub: str | None = None,
+               private: bool = False, overwrite: bool = False, decode_cfg: DecodeConfig | None = None) -> Path:
+    """`--mode export`: write the folder, then (optionally) upload it; prints where it went.
+
+    The folder is written before any upload, so a failed upload loses nothing.
+    """
+    ckpt = checkpoint.load_checkpoint(checkpoint_path)
+    out = export_model(ckpt, output, eval_metrics=eval_summaries(checkpoint_path), decode_cfg=decode_cfg,
+                       overwrite=overwrite, source=str(checkpoint_path))
+    print(f"exported {checkpoint_path} to {out}")
+    if push_to_hub:
+        import hub
+
+        url = hub.push_folder(out, push_to_hub, private=private)
+        print(f"uploaded {out} to {url}")
+    return out
