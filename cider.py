@@ -15,10 +15,13 @@ is pycocoevalcap's corpus score. A candidate is scored as the tokens it is given
 without <eos> is not padded or penalised here (truncated captions inflate CIDEr-D: SacreEOS, 2023).
 
 Letters in shape comments: S candidates, I images (reference sets), R references per image (the
-most any image has), N n-gram orders, M n-gram occurrences of a batch.
+most any image has), N n-gram orders (4), M (sentence, distinct n-gram) entries of a batch, G
+n-grams of the corpus.
 """
 from __future__ import annotations
 
+import itertools
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -29,7 +32,7 @@ ORDERS = 4   # n-gram orders 1..4: coco-caption's Cider only works with 4
 
 
 class _Cooked(NamedTuple):
-    """The n-gram occurrences of some sentences as flat arrays (M,), plus each sentence's length."""
+    """Some sentences' n-grams as flat arrays (M,), one entry per (sentence, distinct n-gram)."""
     sent: np.ndarray      # sentence index
     gid: np.ndarray       # n-gram id
     tf: np.ndarray        # count of the n-gram in the sentence
@@ -37,16 +40,14 @@ class _Cooked(NamedTuple):
     lengths: np.ndarray   # (sentences,) length as coco-caption counts it
 
 
-def ngram_counts(tokens: Tokens, n: int = ORDERS) -> dict[tuple[str, ...], int]:
-    """Every n-gram of orders 1..n in `tokens` with its count."""
+def ngrams(tokens: Tokens) -> list[tuple[str, ...]]:
+    """Every n-gram occurrence of orders 1..4 in `tokens`, as tuples of words (unigrams first)."""
     if isinstance(tokens, str):
         raise TypeError(f"a caption must be a list of tokens, not the string {tokens[:40]!r}")
-    counts: dict[tuple[str, ...], int] = {}
-    for k in range(1, n + 1):
-        for i in range(len(tokens) - k + 1):
-            gram = tuple(tokens[i:i + k])
-            counts[gram] = counts.get(gram, 0) + 1
-    return counts
+    found: list[tuple[str, ...]] = []
+    for k in range(1, ORDERS + 1):
+        found.extend(zip(*[tokens[i:] for i in range(k)]))
+    return found
 
 
 class CiderD:
@@ -55,24 +56,17 @@ class CiderD:
     def __init__(self, corpus: Iterable[Sequence[Tokens]], *, sigma: float = 6.0):
         if not sigma > 0:
             raise ValueError(f"CIDEr-D's length penalty needs sigma > 0, got {sigma}")
-        self.n, self.sigma = ORDERS, sigma
-        self._ids: dict[tuple[str, ...], int] = {}
-        df: list[int] = []
+        self.sigma = sigma
+        df: Counter[tuple[str, ...]] = Counter()
         documents = 0
         for refs in corpus:
             documents += 1
-            seen = set()
-            for ref in refs:
-                seen.update(ngram_counts(ref))
-            for gram in seen:
-                gid = self._ids.setdefault(gram, len(df))
-                if gid == len(df):
-                    df.append(0)
-                df[gid] += 1
+            df.update(set(itertools.chain.from_iterable(ngrams(ref) for ref in refs)))
         if documents == 0:
             raise ValueError("CiderD needs a corpus of at least one reference set, got none")
         self.num_documents = documents
-        self._df = np.asarray(df, dtype=np.int64)  # (G,)
+        self._ids = {gram: gid for gid, gram in enumerate(df)}  # n-gram -> id, G of them
+        self._df = np.fromiter(df.values(), dtype=np.int64, count=len(df))  # (G,)
         self._log_docs = float(np.log(float(documents)))
         self._idf = self._log_docs - np.log(np.maximum(self._df.astype(np.float64), 1.0))  # (G,)
 
@@ -101,17 +95,18 @@ class CiderD:
         first_ref = np.concatenate([[0], np.cumsum(n_refs)[:-1]])  # (I,)
         col = np.arange(len(ref_sents)) - np.repeat(first_ref, n_refs)  # position in its set
         img = np.repeat(np.arange(len(references)), n_refs)
-        dots = self._clipped_dots(cand, ref, img, col, ref_index, idf, int(n_refs.max()))  # (S, N, R)
+        max_refs = int(n_refs.max())
+        dots = self._clipped_dots(cand, ref, img, col, ref_index, idf, max_refs)  # (S, N, R)
         norm_c = self._norms(cand, len(candidates), idf)  # (S, N)
-        norm_r = np.zeros((len(references), int(n_refs.max()), self.n))  # (I, R, N)
+        norm_r = np.zeros((len(references), max_refs, ORDERS))  # (I, R, N)
         norm_r[img, col] = self._norms(ref, len(ref_sents), idf)
-        len_r = np.zeros((len(references), int(n_refs.max())))  # (I, R)
+        len_r = np.zeros((len(references), max_refs))  # (I, R)
         len_r[img, col] = ref.lengths
         denom = norm_c[:, :, None] * norm_r[ref_index].transpose(0, 2, 1)  # (S, N, R)
         cos = np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)  # (S, N, R)
         delta = cand.lengths[:, None] - len_r[ref_index]  # (S, R)
         penalty = np.exp(-(delta ** 2) / (2 * self.sigma ** 2))  # (S, R)
-        live = np.arange(int(n_refs.max()))[None, :] < n_refs[ref_index][:, None]  # (S, R)
+        live = np.arange(max_refs)[None, :] < n_refs[ref_index][:, None]  # (S, R)
         per_ref = cos.mean(axis=1) * penalty * live  # (S, R)
         return 10.0 * per_ref.sum(axis=1) / n_refs[ref_index]
 
@@ -134,28 +129,30 @@ class CiderD:
         return ref_index
 
     def _cook(self, sentences: Sequence[Tokens], extra: dict[tuple[str, ...], int]) -> _Cooked:
-        """The n-gram occurrences of `sentences` as flat arrays; new n-grams get ids in `extra`."""
-        sent, gids, tfs, orders = [], [], [], []
+        """The n-grams of `sentences` with their counts; n-grams outside the corpus get ids in `extra`."""
+        grams: list[tuple[str, ...]] = []
+        per_sentence = []
+        for tokens in sentences:
+            found = ngrams(tokens)
+            grams.extend(found)
+            per_sentence.append(len(found))
         base = len(self._ids)
-        for s, tokens in enumerate(sentences):
-            for gram, tf in ngram_counts(tokens).items():
-                gid = self._ids.get(gram)
-                if gid is None:
-                    gid = base + extra.setdefault(gram, len(extra))
-                sent.append(s)
-                gids.append(gid)
-                tfs.append(tf)
-                orders.append(len(gram) - 1)
+        gid = np.fromiter(map(self._ids.get, grams, itertools.repeat(-1)), dtype=np.int64, count=len(grams))
+        for i in np.flatnonzero(gid < 0).tolist():
+            gid[i] = base + extra.setdefault(grams[i], len(extra))
+        order = np.fromiter(map(len, grams), dtype=np.int64, count=len(grams)) - 1  # (occurrences,)
+        sent = np.repeat(np.arange(len(sentences)), per_sentence)  # (occurrences,)
+        # one entry per (sentence, n-gram); its number of occurrences is the term frequency
+        _, first, tf = np.unique(sent * (base + len(extra)) + gid, return_index=True, return_counts=True)
         # coco-caption counts a caption's length in bigrams
         lengths = np.array([max(len(t) - 1, 0) for t in sentences], dtype=np.float64)
-        return _Cooked(np.array(sent, dtype=np.int64), np.array(gids, dtype=np.int64),
-                       np.array(tfs, dtype=np.float64), np.array(orders, dtype=np.int64), lengths)
+        return _Cooked(sent[first], gid[first], tf.astype(np.float64), order[first], lengths)
 
     def _norms(self, cooked: _Cooked, n_sents: int, idf: np.ndarray) -> np.ndarray:
         """Euclidean norm of each sentence's tf-idf vector, per order: (n_sents, N)."""
         sq = (cooked.tf * idf[cooked.gid]) ** 2  # (M,)
-        flat = np.bincount(cooked.sent * self.n + cooked.order, weights=sq, minlength=n_sents * self.n)
-        return np.sqrt(flat).reshape(n_sents, self.n)
+        flat = np.bincount(cooked.sent * ORDERS + cooked.order, weights=sq, minlength=n_sents * ORDERS)
+        return np.sqrt(flat).reshape(n_sents, ORDERS)
 
     def _clipped_dots(self, cand: _Cooked, ref: _Cooked, img: np.ndarray, col: np.ndarray,
                       ref_index: np.ndarray, idf: np.ndarray, max_refs: int) -> np.ndarray:
@@ -165,9 +162,9 @@ class CiderD:
         in each reference, so a candidate's n-grams find their reference counts by one sorted
         search instead of a loop over pairs. Returns (S, N, R).
         """
-        dots = np.zeros((len(ref_index) * self.n, max_refs))
+        dots = np.zeros((len(ref_index) * ORDERS, max_refs))
         if len(ref.sent) == 0:   # every reference is empty: nothing to share
-            return dots.reshape(len(ref_index), self.n, max_refs)
+            return dots.reshape(len(ref_index), ORDERS, max_refs)
         n_grams = len(idf)
         ref_keys = img[ref.sent] * n_grams + ref.gid  # (M_ref,)
         keys, row = np.unique(ref_keys, return_inverse=True)
@@ -180,7 +177,7 @@ class CiderD:
         tf_c = cand.tf[hit][:, None]  # (H, 1)
         # min(tf_c * idf, tf_r * idf) * tf_r * idf, with idf >= 0 because df <= D
         contrib = np.minimum(tf_c, tf_r) * tf_r * (idf[cand.gid[hit]] ** 2)[:, None]  # (H, R)
-        slot = cand.sent[hit] * self.n + cand.order[hit]
+        slot = cand.sent[hit] * ORDERS + cand.order[hit]
         np.add.at(dots, slot, contrib)
-        return dots.reshape(len(ref_index), self.n, max_refs)
+        return dots.reshape(len(ref_index), ORDERS, max_refs)
 

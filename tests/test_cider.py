@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pycocoevalcap.cider.cider import Cider
 
-from cider import CiderD, ngram_counts
+from cider import CiderD, ngrams
 
 
 def coco_scores(candidates, references):
@@ -103,6 +103,7 @@ def test_training_split_document_frequencies_move_weight_to_words_rare_in_traini
     scored = [[["dog", "on", "grass"]], [["cat", "on", "grass"]], [["bird", "over", "grass"]]]
     train = CiderD([[["a", "dog", "runs"]], [["the", "dog", "jumps"]], [["dog", "in", "grass"]]])
     split = CiderD(scored)
+    assert train.num_documents == 3
     assert (train.document_frequency(["dog"]), train.document_frequency(["grass"])) == (3, 1)
     assert (split.document_frequency(["dog"]), split.document_frequency(["grass"])) == (1, 3)
     # each candidate shares one word with its references
@@ -139,11 +140,13 @@ def test_bad_inputs_are_named():
         scorer.score([["a"]], [[]])
     with pytest.raises(ValueError, match="at least one reference set"):
         CiderD([])
+    with pytest.raises(ValueError, match="sigma > 0, got 0"):
+        CiderD(refs, sigma=0)
     with pytest.raises(TypeError, match="list of tokens"):
         scorer.score(["a dog"], refs[:1])
     assert scorer.score([], refs, ref_index=[]).shape == (0,)
 
 
-def test_ngram_counts():
-    assert ngram_counts(["a", "a", "b"], n=2) == {("a",): 2, ("b",): 1, ("a", "a"): 1, ("a", "b"): 1}
-    assert ngram_counts([]) == {}
+def test_ngrams():
+    assert ngrams(["a", "a", "b"]) == [("a",), ("a",), ("b",), ("a", "a"), ("a", "b"), ("a", "a", "b")]
+    assert ngrams([]) == []
