@@ -194,6 +194,7 @@ def _advance(run: _Running, cand: tuple[Tensor, Tensor, Tensor], alpha: Tensor, 
     keep = torch.sort(ends.to(torch.uint8), dim=1, stable=True).indices[:, :K]  # (n, K)
     parent = parent.gather(1, keep)  # (n, K)
     n, k = run.words.shape
+    K = keep.size(1)  # fewer than K when a tiny vocabulary gives fewer candidates
     run.words = token.gather(1, keep)  # (n, K)
     # With fewer than 2K candidates (tiny vocabularies) an ending one can be kept: it must not run on.
     run.scores = cand_scores.gather(1, keep).masked_fill(ends.gather(1, keep), -math.inf)  # (n, K)

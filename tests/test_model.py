@@ -1,12 +1,10 @@
-"""model.py: shapes per backbone, loss and masking, what trains, decoding equivalences, weights errors.
+"""model.py: shapes per backbone, loss and masking, what trains, the reference step, weights errors.
 
 Tiny random-init models only (no network): dims 16-32, small images, seeded.
 """
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
 import re
 import socket
 import urllib.error
@@ -14,6 +12,7 @@ import urllib.error
 import pytest
 import torch
 
+import decoding
 import model as M
 
 SOS, EOS, UNK = 1, 2, 3
@@ -118,7 +117,7 @@ def test_each_backbone_gives_finite_outputs_of_the_right_shape(name):
     logits, alphas = model(images, captions, lengths)
     assert logits.shape == (2, 4, 30) and alphas.shape == (2, 4, 9)
     assert torch.isfinite(logits).all() and torch.isfinite(alphas).all()
-    out = M.decode(model, feats, cfg=M.DecodeConfig(beam_size=2, max_len=4), **IDS)
+    out = decoding.decode(model, feats, cfg=M.DecodeConfig(beam_size=2, max_len=4), **IDS)
     assert len(out.tokens) == 2 and all(len(t) <= 4 for t in out.tokens)
 
 
@@ -327,62 +326,9 @@ def test_loss_falls_on_one_repeated_batch():
     assert losses[-1] < 0.3 * losses[0]
 
 
-@pytest.mark.parametrize("kw", [{}, {"encoder_proj_dim": 12, "num_layers": 3}, {"dropout": 0.5, "num_layers": 3}])
-def test_hand_written_backward_gives_the_plain_autograd_gradients(kw, monkeypatch):
-    # The training loop runs as one node with its own backward through time (_Recurrence); plain
-    # autograd through attend()/lstm() is the reference. With dropout both draw the same masks in
-    # the same order, so a seeded training-mode pass is the same function too.
-    model = features_model(**kw).double().train()
-    feats = random_feats(4).double().requires_grad_()  # as when the encoder is fine-tuned
-    captions, lengths = batch()
-    grads, outputs = [], []
-    for tapes in (True, False):
-        monkeypatch.setattr(M.AttentionDecoder, "use_tapes", tapes)
-        model.zero_grad()
-        feats.grad = None
-        torch.manual_seed(7)
-        logits, alphas = model(feats, captions, lengths)
-        M.caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)[0].backward()
-        outputs.append((logits.detach(), alphas.detach()))
-        grads.append({**{n: p.grad.clone() for n, p in model.named_parameters()}, "feats": feats.grad.clone()})
-    for a, b in zip(*outputs):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-9, atol=1e-12, msg=name)
-
-
-def test_reused_feature_buffer_gives_the_same_gradients_and_is_never_read_stale(monkeypatch):
-    # Cached features (no grad) are sorted into a buffer that the backward hands back for the next pass.
-    model = features_model().double()
-    captions, lengths = batch()
-    feats = [random_feats(4, seed=s).double() for s in (1, 2, 1)]
-
-    def grads(x, tapes):
-        monkeypatch.setattr(M.AttentionDecoder, "use_tapes", tapes)
-        model.zero_grad()
-        logits, alphas = model(x, captions, lengths)
-        M.caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)[0].backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    for x in feats:  # the second and third passes reuse the first one's buffer
-        fast, plain = grads(x, True), grads(x, False)
-        for name in fast:
-            torch.testing.assert_close(fast[name], plain[name], rtol=1e-9, atol=1e-12, msg=name)
-    assert len(model.decoder._row_buffers) == 1
-    # A graph kept for a second backward must not read a buffer a later pass overwrote.
-    monkeypatch.setattr(M.AttentionDecoder, "use_tapes", True)
-    logits, alphas = model(feats[0], captions, lengths)
-    loss, _ = M.caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)
-    loss.backward(retain_graph=True)
-    model(feats[2], captions, lengths)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()
-
-
 def test_training_step_runs_under_autocast():
-    # Under AMP the recurrence runs in the weights' dtype (its buffers have one dtype); the large
-    # products around it follow autocast. The loss must match float32 closely and gradients be finite.
+    # Under AMP the reference step runs in autocast's dtype like every other layer (nothing turns
+    # autocast off); the loss must match float32 closely and the gradients be finite.
     model = features_model().train()
     feats = random_feats(4)
     captions, lengths = batch()
@@ -392,9 +338,38 @@ def test_training_step_runs_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, alphas = model(feats, captions, lengths)
         loss, _ = M.caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)
+    assert logits.dtype == torch.bfloat16
     loss.backward()
     assert abs(loss.item() - loss32.item()) < 0.05 * loss32.item()
     assert all(torch.isfinite(p.grad).all() for p in model.decoder.parameters() if p.grad is not None)
+
+
+def test_the_step_of_k_hypotheses_is_each_hypothesis_alone():
+    model = features_model(num_layers=3)
+    dec = model.decoder
+    feats, enc, h0, c0 = dec.prepare(random_feats(2))
+    g = torch.Generator().manual_seed(3)
+    words = torch.randint(4, 40, (2, 3), generator=g)  # (N, K)
+    h = torch.randn(3, 2, 3, TINY["decoder_dim"], generator=g)  # (Y, N, K, H)
+    c = torch.randn(h.shape, generator=g)
+    with torch.no_grad():
+        together = dec.step(dec.word_gates(words), feats, enc, h, c)
+        for k in range(3):
+            alone = dec.step(dec.word_gates(words[:, k:k + 1]), feats, enc, h[:, :, k:k + 1], c[:, :, k:k + 1])
+            for a, b in zip(alone, (together[0][:, :, k:k + 1], together[1][:, :, k:k + 1], together[2][:, k:k + 1])):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert together[2].shape == (2, 3, 9)
+    torch.testing.assert_close(together[2].sum(-1), torch.ones(2, 3))
+
+
+def test_cached_float16_features_are_read_as_float32():
+    model = features_model()
+    feats = random_feats(2)
+    assert model.features(feats.half()).dtype == torch.float32
+    logits, _ = model(feats.half(), *batch(B=2))
+    assert logits.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"expected images \(B, 3, H, W\) or features \(B, P, C\), got \(9, 32\)"):
+        model.features(feats[0])
 
 
 def test_encoder_proj_dim_adds_a_channel_projection():
@@ -405,7 +380,7 @@ def test_encoder_proj_dim_adds_a_channel_projection():
     captions, lengths = batch(B=3)
     logits, alphas = model(feats, captions, lengths)
     assert torch.isfinite(logits).all()
-    out = M.beam_search(model, feats, cfg=M.DecodeConfig(beam_size=3, max_len=6), **IDS)
+    out = decoding.beam_search(model, feats, cfg=M.DecodeConfig(beam_size=3, max_len=6), **IDS)
     assert len(out.tokens) == 3
     assert features_model().decoder.feat_proj is None  # off by default
 
@@ -413,221 +388,3 @@ def test_encoder_proj_dim_adds_a_channel_projection():
 def test_wrong_feature_width_is_a_clear_error():
     with pytest.raises(ValueError, match=r"expected features \(N, P, 32\), got \(2, 9, 16\)"):
         features_model()(torch.randn(2, 9, 16), *batch(B=2))
-
-
-# -- decoding -------------------------------------------------------------------------------------
-
-def check_decoded(out: M.Decoded, n: int, max_len: int, p: int = 9) -> None:
-    assert len(out.tokens) == len(out.scores) == len(out.alphas) == n
-    for toks, score, alphas in zip(out.tokens, out.scores, out.alphas):
-        assert len(toks) <= max_len and not {SOS, EOS, UNK} & set(toks)
-        assert alphas.shape == (len(toks), p) and math.isfinite(score)
-
-
-@pytest.mark.parametrize("extra", [{}, {"length_penalty": 0.7, "block_repeat_trigrams": True},
-                                   {"suppress_unk": False, "max_len": 4}])
-def test_beam_size_1_is_exactly_greedy(extra):
-    model = lively(features_model())
-    feats = random_feats(6)
-    cfg = M.DecodeConfig(beam_size=1, **{"max_len": 12, **extra})
-    greedy = M.greedy_decode(model, feats, cfg=cfg, **IDS)
-    beam = M.beam_search(model, feats, cfg=cfg, **IDS)
-    assert beam.tokens == greedy.tokens
-    assert beam.scores == pytest.approx(greedy.scores, abs=1e-5)
-    for a, b in zip(beam.alphas, greedy.alphas):
-        torch.testing.assert_close(a, b)
-    if extra.get("suppress_unk", True):
-        check_decoded(greedy, 6, cfg.max_len)
-    assert len({tuple(t) for t in greedy.tokens}) > 1  # the images really decode differently
-
-
-@pytest.mark.parametrize("beam_size", [1, 3])
-def test_a_batch_decodes_as_each_image_alone(beam_size):
-    model = lively(features_model())  # captions of different lengths: images leave the batch early
-    feats = random_feats(5)
-    cfg = M.DecodeConfig(beam_size=beam_size, max_len=10, block_repeat_trigrams=True)
-    together = M.decode(model, feats, cfg=cfg, **IDS)
-    check_decoded(together, 5, 10)
-    assert len({len(t) for t in together.tokens}) > 1
-    for i in range(5):
-        alone = M.decode(model, feats[i:i + 1], cfg=cfg, **IDS)
-        assert alone.tokens[0] == together.tokens[i]
-        assert alone.scores[0] == pytest.approx(together.scores[i], abs=1e-4)
-        torch.testing.assert_close(alone.alphas[0], together.alphas[i], rtol=1e-4, atol=1e-5)
-
-
-def test_decoding_shortcuts_give_the_plain_step():
-    # Decoding takes the word gates from a (V, G) table and computes attention energies without grad
-    # in chunks as max(e, -q) + q: the same step as the plain one.
-    model = lively(features_model())
-    dec = model.decoder
-    feats, enc, h0, c0 = dec.prepare(random_feats(5))
-    g = torch.Generator().manual_seed(3)
-    words = torch.randint(4, 40, (5, 3), generator=g)  # (N, K)
-    h = torch.randn(h0.size(0), 5, 3, h0.size(-1), generator=g)  # (Y, N, K, H)
-    c = torch.randn(h.shape, generator=g)
-    plain = [x.detach() for x in dec.step(words, feats, enc, h, c)]  # with grad: unchunked relu(e + q)
-    with torch.inference_mode():
-        table = dec.emb_gates(dec.embedding.weight)  # (V, G)
-        old_chunk = dec.energy_chunk
-        try:
-            dec.energy_chunk = 3 * 9 * TINY["attention_dim"] * 2  # two images per chunk, the last one alone
-            fast = dec.step(words, feats, enc, h, c, table)
-        finally:
-            dec.energy_chunk = old_chunk
-    for a, b in zip(plain, fast):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # Hypotheses continuing the same beam (equal states): the shared products run once per parent.
-    parent = torch.tensor([[0, 0, 1], [2, 2, 2], [0, 1, 2], [1, 0, 1], [0, 0, 0]])  # (N, K)
-    shared = M._shared_rows(parent)
-    assert shared[0].numel() == 2 + 1 + 3 + 2 + 1
-    h_par = h.gather(2, parent.view(1, 5, 3, 1).expand_as(h))  # (Y, N, K, H) as beam search moves them
-    c_par = c.gather(2, parent.view(1, 5, 3, 1).expand_as(c))
-    plain = [x.detach() for x in dec.step(words, feats, enc, h_par, c_par)]
-    with torch.inference_mode():
-        fast = dec.step(words, feats, enc, h_par, c_par, table, shared=shared)
-    for a, b in zip(plain, fast):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert M._shared_rows(torch.tensor([[0, 1, 2]])) is None
-
-
-@pytest.fixture
-def fused_everywhere(monkeypatch):
-    """FusedAttention for decoding batches of any size (the tiny test model is far below the threshold)."""
-    monkeypatch.setattr(M.FusedAttention, "min_elements", 0)
-    monkeypatch.setattr(M.FusedAttention, "enabled", True)
-    if M.FusedAttention.get(1, torch.device("cpu")) is None:  # a compile failure is a test failure here
-        pytest.fail("torch.compile could not build the fused attention kernels on this machine")
-
-
-def test_fused_attention_decodes_as_the_eager_path(fused_everywhere, monkeypatch):
-    model = lively(features_model())
-    feats = random_feats(5)
-    cfg = M.DecodeConfig(beam_size=3, max_len=10)
-    out = {}
-    for enabled in (True, False):
-        monkeypatch.setattr(M.FusedAttention, "enabled", enabled)
-        out[enabled] = (M.beam_search(model, feats, cfg=cfg, **IDS), M.greedy_decode(model, feats, cfg=cfg, **IDS))
-    for fused, eager in zip(out[True], out[False]):
-        assert fused.tokens == eager.tokens
-        assert fused.scores == pytest.approx(eager.scores, abs=1e-5)
-        for a, b in zip(fused.alphas, eager.alphas):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-
-
-def test_fused_attention_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog):
-    def broken_compile(*args, **kwargs):
-        raise RuntimeError("no C++ compiler found\nsecond line of the story")
-
-    monkeypatch.setattr(M.FusedAttention, "_kernel", None)
-    monkeypatch.setattr(M.FusedAttention, "_failed", False)
-    monkeypatch.setattr(M.FusedAttention, "min_elements", 0)
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    with caplog.at_level("WARNING", logger="model"):
-        assert M.FusedAttention.get(10, torch.device("cpu")) is None
-        assert M.FusedAttention.get(10, torch.device("cpu")) is None  # warned once, then eager
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warnings == ["fused attention kernels unavailable (RuntimeError: no C++ compiler found); "
-                        "using eager attention ops"]
-    model = lively(features_model())  # and the model still trains and decodes
-    captions, lengths = batch()
-    logits, alphas = model(random_feats(4), captions, lengths)
-    M.caption_loss(logits, captions, lengths, alphas, alpha_c=1.0)[0].backward()
-    check_decoded(M.beam_search(model, random_feats(3), cfg=M.DecodeConfig(beam_size=2, max_len=6), **IDS), 3, 6)
-
-
-def test_fused_attention_stays_off_for_small_tensors_and_cuda():
-    assert M.FusedAttention.get(M.FusedAttention.min_elements - 1, torch.device("cpu")) is None
-    assert M.FusedAttention.get(1 << 30, torch.device("cuda")) is None
-
-
-def test_a_wide_beam_finds_the_exhaustive_best_caption():
-    # Vocabulary of 3 words + specials, at most 3 tokens: a beam of 64 keeps every hypothesis.
-    model = features_model(vocab_size=7, seed=4)
-    with torch.no_grad():
-        model.decoder.fc.bias[EOS] += 1.5
-    feats = random_feats(1, seed=5)
-    words = [EOS, 4, 5, 6]
-    candidates = [list(s) + [EOS] for n in range(3) for s in itertools.product(words[1:], repeat=n)]
-    # Scores without renormalisation (<sos>/<unk> get -inf, the others keep log-softmax values).
-    dec = model.decoder
-    f, enc, h0, c0 = dec.prepare(feats)
-
-    def score(seq):
-        h, c, word, total = h0.unsqueeze(2), c0.unsqueeze(2), torch.tensor([[SOS]]), 0.0
-        with torch.no_grad():
-            for tok in seq:
-                log_probs, _, h, c = dec.step(word, f, enc, h, c)
-                total += float(log_probs[0, 0, tok])
-                word = torch.tensor([[tok]])
-        return total
-
-    for penalty in (0.0, 1.0):
-        cfg = M.DecodeConfig(beam_size=64, max_len=3, length_penalty=penalty)
-        best = max(candidates, key=lambda s: score(s) / (len(s) ** penalty if penalty else 1.0))
-        out = M.beam_search(model, feats, cfg=cfg, **IDS)
-        assert out.tokens[0] + [EOS] == best
-        assert out.scores[0] == pytest.approx(score(best) / (len(best) ** penalty if penalty else 1.0), abs=1e-4)
-
-
-def test_beam_search_terminates_on_an_untrained_model_and_returns_unfinished_captions():
-    model = features_model()
-    with torch.no_grad():
-        model.decoder.fc.bias[EOS] = -50.0  # never ends: the best unfinished beam must come back
-    feats = random_feats(3)
-    for cfg in (M.DecodeConfig(beam_size=4, max_len=7), M.DecodeConfig(beam_size=1, max_len=7)):
-        out = M.decode(model, feats, cfg=cfg, **IDS)
-        check_decoded(out, 3, 7)
-        assert all(len(t) == 7 for t in out.tokens)
-    with torch.no_grad():
-        model.decoder.fc.bias[EOS] = 50.0  # ends at once: empty captions
-    out = M.beam_search(model, feats, cfg=M.DecodeConfig(beam_size=4, max_len=7), **IDS)
-    assert out.tokens == [[], [], []] and all(a.shape == (0, 9) for a in out.alphas)
-
-
-def test_trigram_blocking_removes_repeated_trigrams():
-    model = features_model(vocab_size=8)  # 4 words: repeats are likely without blocking
-    feats = random_feats(4)
-    with torch.no_grad():
-        model.decoder.fc.bias[EOS] = -50.0
-
-    def has_repeat(toks):
-        grams = [tuple(toks[i:i + 3]) for i in range(len(toks) - 2)]
-        return len(grams) != len(set(grams))
-
-    free = M.beam_search(model, feats, cfg=M.DecodeConfig(beam_size=3, max_len=15), **IDS)
-    blocked = M.beam_search(model, feats, cfg=M.DecodeConfig(beam_size=3, max_len=15, block_repeat_trigrams=True),
-                            **IDS)
-    assert any(has_repeat(t) for t in free.tokens)
-    assert not any(has_repeat(t) for t in blocked.tokens)
-    assert all(len(t) == 15 for t in blocked.tokens)
-
-
-def test_decoding_images_encodes_them_first():
-    torch.manual_seed(0)
-    cfg = M.ModelConfig(vocab_size=30, encoder="resnet18", pretrained=False, encoded_size=2, **TINY)
-    model = M.build_model(cfg).eval()
-    images = torch.randn(2, 3, 64, 64)
-    a = M.decode(model, images, cfg=M.DecodeConfig(max_len=5), **IDS)
-    b = M.decode(model, model.encode(images), cfg=M.DecodeConfig(max_len=5), **IDS)
-    assert a.tokens == b.tokens
-
-
-@pytest.mark.parametrize("argv, on", [(["--mode", "test"], False), (["--mode", "eval"], True),
-                                      (["--mode", "train"], True), (["--mode", "test", "--fused_attention"], True),
-                                      (["--mode", "eval", "--no-fused_attention"], False)])
-def test_fused_attention_flag_defaults_to_on_for_train_and_eval_only(argv, on, monkeypatch):
-    import main
-
-    monkeypatch.setattr(M.FusedAttention, "enabled", not on)
-    main._set_fused_attention(main.build_parser().parse_args(argv))
-    assert M.FusedAttention.enabled is on
-
-
-def test_test_mode_turns_fused_attention_off_before_it_runs(monkeypatch, capsys):
-    import main
-
-    monkeypatch.setattr(M.FusedAttention, "enabled", True)
-    assert main.main(["--mode", "test"]) == 2  # no --image_path: the one-line error, after the switch
-    assert "needs --image_path" in capsys.readouterr().err
-    assert M.FusedAttention.enabled is False
