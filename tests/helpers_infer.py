@@ -15,6 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
+import model
+from config import ModelConfig
+
 SPECIALS = ["<pad>", "<sos>", "<eos>", "<unk>"]
 # Two kinds of photo and the caption the tiny model is trained to give each.
 KINDS = {
@@ -53,10 +57,8 @@ def make_photo(path: Path, kind: str, seed: int, size: int = 80) -> Path:
     return path
 
 
-def tiny_model_config(encoder: str = "resnet18", feature_dim: int = 512):
-    import model
-
-    return model.ModelConfig(vocab_size=len(VOCAB), encoder=encoder, pretrained=False,
+def tiny_model_config(encoder: str = "resnet18", feature_dim: int = 512) -> ModelConfig:
+    return ModelConfig(vocab_size=len(VOCAB), encoder=encoder, pretrained=False,
                              encoded_size=2, image_size=64, feature_dim=feature_dim, encoder_proj_dim=16,
                              embed_dim=16, attention_dim=16, decoder_dim=32, num_layers=2, dropout=0.0,
                              alpha_c=1.0)
@@ -66,24 +68,27 @@ def _encode(caption: str) -> list[int]:
     return [1] + [VOCAB.index(w) for w in caption.split()] + [2]
 
 
-def train_tiny(cfg, steps: int = 30, seed: int = 0):
-    """Build the tiny model and train it a few steps on one photo of each kind (CPU, seconds)."""
-    import model
+def train_tiny(cfg, steps: int = 80, seed: int = 0, per_kind: int = 2):
+    """Build the tiny model and train it on `per_kind` photos of each kind (CPU, about 2 s).
 
+    Trained until its words depend on the photo (red photos get the red caption, blue ones the
+    blue caption), so batched against one-by-one decoding compares captions that differ.
+    """
     torch.manual_seed(seed)
     m = model.build_model(cfg)
     tf = model.image_transform(cfg, train=False)
     images, caps = [], []
     for i, kind in enumerate(KINDS):
-        images.append(tf(photo(kind, seed + i)))
-        caps.append(_encode(KINDS[kind][1]))
+        for j in range(per_kind):
+            images.append(tf(photo(kind, seed + 100 * i + j)))
+            caps.append(_encode(KINDS[kind][1]))
     x = torch.stack(images)  # (B, 3, 64, 64)
     if cfg.encoder == "features":
         x = torch.randn(len(images), 4, cfg.feature_dim)  # (B, P, C)
     T = max(len(c) for c in caps)
     captions = torch.tensor([c + [0] * (T - len(c)) for c in caps])  # (B, T)
     lengths = torch.tensor([len(c) for c in caps])  # (B,)
-    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-2)
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     m.train()
     for _ in range(steps):
         logits, alphas = m(x, captions, lengths)
@@ -106,8 +111,6 @@ def checkpoint_state(m, cfg, *, features: dict | None = None) -> dict:
 def tiny_checkpoint(base: Path) -> Path:
     """Path of the shared tiny image checkpoint (built on first use under `base`)."""
     if "image" not in _CACHE:
-        import checkpoint
-
         cfg = tiny_model_config()
         path = base / "tiny" / "best.pt"
         checkpoint.save_checkpoint(path, checkpoint_state(train_tiny(cfg), cfg))
@@ -118,8 +121,6 @@ def tiny_checkpoint(base: Path) -> Path:
 def features_checkpoint(base: Path, feature_dim: int = 8) -> Path:
     """A tiny checkpoint trained on external features (no image encoder)."""
     if "features" not in _CACHE:
-        import checkpoint
-
         cfg = tiny_model_config("features", feature_dim)
         path = base / "tiny_features" / "best.pt"
         state = checkpoint_state(train_tiny(cfg, steps=3), cfg,

@@ -7,12 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-import helpers_infer as hi
-from helpers_infer import one_torch_thread  # noqa: F401  (autouse fixture)
+import checkpoint
 import decoding
+import helpers_infer as hi
 import main
-import model
+import plots
 import test as captioning
+from config import DecodeConfig
+from helpers_infer import one_torch_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +73,6 @@ def test_folder_gives_one_line_per_image_and_json(ckpt, photos, capsys, tmp_path
 
 
 def test_model_loaded_once_and_images_batched(ckpt, photos, monkeypatch):
-    import checkpoint
-
     loads, batches = [], []
     real_load, real_decode = checkpoint.load_checkpoint, decoding.decode
     monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a, **k: loads.append(a) or real_load(*a, **k))
@@ -82,11 +82,27 @@ def test_model_loaded_once_and_images_batched(ckpt, photos, monkeypatch):
         return real_decode(m, feats, **kw)
 
     monkeypatch.setattr(decoding, "decode", counting_decode)
-    cfg = model.DecodeConfig(beam_size=2)
-    batched = captioning.caption_paths([photos], ckpt, cfg, "cpu", batch_size=2)
-    assert len(loads) == 1 and batches == [2, 1]
-    one_by_one = captioning.caption_paths([photos], ckpt, cfg, "cpu", batch_size=1)
-    assert batched == one_by_one and len(batched) == 3
+    captions = captioning.caption_paths([photos], ckpt, DecodeConfig(beam_size=2), "cpu", batch_size=2)
+    assert len(loads) == 1 and batches == [2, 1] and len(captions) == 3
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_batched_captions_equal_one_by_one_with_two_threads(beam_size, ckpt, tmp_path):
+    """With the demo's 2 threads, a photo's caption does not depend on its batch or its place in it."""
+    files = [hi.make_photo(tmp_path / f"{kind}{i}.png", kind, 50 + i)
+             for i, kind in enumerate(["red", "blue", "blue", "red", "blue"])]
+    cfg = DecodeConfig(beam_size=beam_size)
+    captioner = captioning.load_captioner(ckpt, "cpu")
+    torch.set_num_threads(2)  # the module's autouse fixture puts 1 back afterwards
+    batched = captioning.caption_files(captioner, files, cfg, batch_size=5)
+    alone = [captioning.caption_files(captioner, [f], cfg, batch_size=1)[0] for f in files]
+    assert [c.words for c in batched] == [c.words for c in alone]
+    for b, a in zip(batched, alone):
+        assert b.score == pytest.approx(a.score, abs=1e-4)
+        assert torch.allclose(b.alphas, a.alphas, atol=1e-4)
+    # The words depend on the photo, so equal captions mean something: red and blue differ.
+    by_kind = {f.stem.rstrip("0123456789"): " ".join(c.words) for f, c in zip(files, batched)}
+    assert by_kind == {kind: caption for kind, (_, caption) in hi.KINDS.items()}
 
 
 def test_attention_figure_has_one_panel_per_word(ckpt, photos, capsys, monkeypatch, tmp_path):
@@ -108,7 +124,7 @@ def test_attention_figure_has_one_panel_per_word(ckpt, photos, capsys, monkeypat
 
     # The figure itself: photo + one overlay per word; a uniform attention is said to be one.
     alphas = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4]])
-    fig = captioning.attention_figure(torch.rand(64, 64, 3).numpy(), ["a", "red", "wall"], alphas)
+    fig = plots.attention_figure(torch.rand(64, 64, 3).numpy(), ["a", "red", "wall"], alphas)
     drawn = [ax for ax in fig.axes if ax.images]
     assert len(drawn) == 4 and [ax.get_title() for ax in drawn[1:]] == ["a", "red (uniform)", "wall"]
     assert all(len(ax.images) == 2 for ax in drawn[1:])  # photo + upsampled attention
@@ -116,7 +132,7 @@ def test_attention_figure_has_one_panel_per_word(ckpt, photos, capsys, monkeypat
     assert shade.shape == (64, 64, 4) and shade[48:, 48:, 3].mean() > shade[:16, :16, 3].mean() + 0.4
     assert drawn[2].images[1].get_array()[..., 3].max() == 0  # uniform: nothing shaded
     with pytest.raises(ValueError, match="square"):
-        captioning.attention_figure(torch.rand(8, 8, 3).numpy(), ["a"], torch.full((1, 3), 1 / 3))
+        plots.attention_figure(torch.rand(8, 8, 3).numpy(), ["a"], torch.full((1, 3), 1 / 3))
 
 
 def _truncated_checkpoint(ckpt, tmp_path):
@@ -127,8 +143,6 @@ def _truncated_checkpoint(ckpt, tmp_path):
 
 
 def _incompatible_checkpoint(ckpt, tmp_path):
-    import checkpoint
-
     state = torch.load(ckpt, weights_only=True)
     state["model_config"]["decoder_dim"] = 24  # the saved weights are 32 wide
     bad = tmp_path / "incompatible.pt"
