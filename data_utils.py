@@ -1,241 +1,56 @@
-"""Data side of the toolkit: data sets, cleaning, tokenizer, vocabulary, loaders, features files.
+"""Data sets: layouts, cleaning, splits, records, Datasets, collate, loaders, image loading.
 
 Layouts read by `load_dataset` (auto-detected from `DataConfig.dataset_path`):
     original  Flickr8k_text/Flickr8k.token.txt + Flickr_8k.{train,dev,test}Images.txt (official split)
     kaggle    captions.txt (CSV, header image,caption) + Images/ (seeded split by image)
     karpathy  dataset_{flickr8k,flickr30k,coco}.json (its split field; restval joins train)
-    demo      synthetic shapes, generated into data/demo/ in the Kaggle layout (dataset_path=None)
-    huggingface  --hf_dataset, materialised once into the Karpathy layout and read back like it
+    demo      synthetic shapes (demo_data.py), generated into data/demo/ in the Kaggle layout
+    huggingface  --hf_dataset, materialised once into the Karpathy layout (hf_data.py) and read back
 
+Words live in text.py (tokenizer, Vocabulary), the features-file format in features.py.
 Dirt in real files is counted per reason and reported once with a few examples; it never crashes
 the load. Images that turn out corrupt while training come back as None from the data sets and
 the collate functions drop and count them (`batch.n_skipped`).
 
 Letters in shape comments: B batch, T caption length (with <sos>/<eos>), P encoder positions,
-C encoder channels, N images.
+C encoder channels.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 import logging
-import math
 import os
 import random
 import re
-import shutil
-import unicodedata
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+import demo_data
+import hf_data
 from config import DataConfig
+from features import FeatureStore
+from text import PAD, SPECIALS, Vocabulary, tokenize
 
 log = logging.getLogger(__name__)
 
-PAD, SOS, EOS, UNK = "<pad>", "<sos>", "<eos>", "<unk>"
-SPECIALS = (PAD, SOS, EOS, UNK)  # ids are positions in the word list
 _PAD_ID = SPECIALS.index(PAD)
-
-REPO_ROOT = Path(__file__).resolve().parent
-DEFAULT_DEMO_DIR = REPO_ROOT / "data" / "demo"
-DEFAULT_HF_CACHE = REPO_ROOT / "data" / "hf"
 
 # Refuse images above this many pixels before decoding them (PIL's own default limit): a tiny
 # PNG can claim 50,000 x 50,000 pixels and take gigabytes once decoded.
 MAX_IMAGE_PIXELS = 89_478_485
 EXAMPLES_PER_REASON = 5
 
-
-# ----------------------------------------------------------------------------- tokenizer
-
-# spaCy's English tokenizer splits these once apostrophes are gone ("dont" -> "do", "nt"). The
-# table is spaCy's exception list restricted to [a-z0-9]+ keys; a test checks it entry by entry.
-_CLITIC_BASES = {
-    "he": "d dve llve s", "how": "d dve ll llve re s ve", "i": "d dve llve m ve",
-    "it": "d dve ll llve", "she": "dve llve s", "that": "d dve ll llve s",
-    "there": "d dve ll llve re s ve", "these": "d dve ll llve re ve",
-    "they": "d dve ll llve re ve", "this": "d dve ll llve s", "those": "d dve ll llve re ve",
-    "we": "d dve llve ve", "what": "d dve ll llve re s ve", "when": "d dve ll llve re s ve",
-    "where": "d dve ll llve re s ve", "who": "d dve ll llve s ve", "why": "d dve ll llve re s ve",
-    "you": "d dve ll llve re ve",
-}
-_NEGATIONS_WITH_VE = "ca could did do does had may might must need ought sha should wo would"
-_NEGATIONS = "ai are dare has have is was were"
-_MODALS_VE = "could might must should would not"
-_OTHER_SPLITS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
-                 "yall": ("y", "all"), "ima": ("i", "m", "a")}
-# Units that spaCy's suffix rule splits off a number ("10kg" -> "10", "kg"), lowercase ASCII only.
-_UNITS = "km|m|dm|cm|mm|ha|nm|yd|in|ft|kg|g|mg|t|lb|oz|kmh|mph|mb|kb|gb|tb"
-
-
-def _build_exceptions() -> dict[str, tuple[str, ...]]:
-    table: dict[str, tuple[str, ...]] = dict(_OTHER_SPLITS)
-    clitic_parts = {"d": ("d",), "dve": ("d", "ve"), "ll": ("ll",), "llve": ("ll", "ve"),
-                    "re": ("re",), "s": ("s",), "ve": ("ve",), "m": ("m",)}
-    for base, suffixes in _CLITIC_BASES.items():
-        for suffix in suffixes.split():
-            table[base + suffix] = (base, *clitic_parts[suffix])
-    for base in _NEGATIONS_WITH_VE.split():
-        table[base + "nt"] = (base, "nt")
-        table[base + "ntve"] = (base, "nt", "ve")
-    for base in _NEGATIONS.split():
-        table[base + "nt"] = (base, "nt")
-    for base in _MODALS_VE.split():
-        table[base + "ve"] = (base, "ve")
-    for hour in range(1, 13):
-        table[f"{hour}am"] = (str(hour), "am")
-        table[f"{hour}pm"] = (str(hour), "pm")
-    return table
-
-
-_EXCEPTIONS = _build_exceptions()
-_UNIT_SUFFIX = re.compile(rf"^([0-9]+)({_UNITS})$")
-_APOSTROPHES = re.compile(r"['\u2018\u2019`]")
-_NON_ALNUM = re.compile(r"[^a-z0-9]+")
-
-
-def tokenize(text: str) -> list[str]:
-    """Lowercase, strip special characters, split into words.
-
-    Accents are dropped ("cafe"), apostrophes deleted ("dog's" -> "dogs", "don't" -> "dont"),
-    and every other non-alphanumeric character separates words ("t-shirt" -> "t shirt", as in
-    the Karpathy tokens).
-    On the result this gives the same words as `spacy.blank("en")` (whitespace tokens aside)
-    without importing spaCy: its exceptions and number-unit suffixes are applied from a table.
-    """
-    # Accents go, letters stay ("naïve" -> "naive"), before everything else non-alphanumeric goes.
-    text = unicodedata.normalize("NFKD", text.lower())
-    text = _APOSTROPHES.sub("", "".join(c for c in text if not unicodedata.combining(c)))
-    tokens: list[str] = []
-    for word in _NON_ALNUM.split(text):
-        if not word:
-            continue
-        if word in _EXCEPTIONS:
-            tokens.extend(_EXCEPTIONS[word])
-            continue
-        unit = _UNIT_SUFFIX.match(word)
-        if unit:
-            tokens.extend(unit.groups())
-        else:
-            tokens.append(word)
-    return tokens
-
-
-# ----------------------------------------------------------------------------- vocabulary
-
-class Vocabulary:
-    """Plain data: a list of words; a word's id is its position. Specials come first."""
-
-    def __init__(self, words: Sequence[str]):
-        words = list(words)
-        if tuple(words[:len(SPECIALS)]) != SPECIALS:
-            raise ValueError(f"a vocabulary must start with {list(SPECIALS)}, got {words[:len(SPECIALS)]}")
-        if not all(isinstance(w, str) for w in words):
-            raise ValueError("a vocabulary must be a list of strings")
-        if len(set(words)) != len(words):
-            dupes = [w for w, c in Counter(words).items() if c > 1][:EXAMPLES_PER_REASON]
-            raise ValueError(f"the vocabulary repeats words: {dupes}")
-        self.words = words
-        self._index = {w: i for i, w in enumerate(words)}
-
-    @classmethod
-    def build(cls, token_lists: Iterable[list[str]], min_freq: int = 5) -> Vocabulary:
-        """Words seen at least `min_freq` times, most frequent first (ties alphabetical)."""
-        if min_freq < 1:
-            raise ValueError(f"min_freq must be >= 1, got {min_freq}")
-        counts = Counter(tok for tokens in token_lists for tok in tokens)
-        kept = sorted((w for w, c in counts.items() if c >= min_freq and w not in SPECIALS),
-                      key=lambda w: (-counts[w], w))
-        return cls([*SPECIALS, *kept])
-
-    @property
-    def pad_id(self) -> int:
-        return self._index[PAD]
-
-    @property
-    def sos_id(self) -> int:
-        return self._index[SOS]
-
-    @property
-    def eos_id(self) -> int:
-        return self._index[EOS]
-
-    @property
-    def unk_id(self) -> int:
-        return self._index[UNK]
-
-    def __len__(self) -> int:
-        return len(self.words)
-
-    def __contains__(self, word: str) -> bool:
-        return word in self._index
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Vocabulary) and self.words == other.words
-
-    def __repr__(self) -> str:
-        return f"Vocabulary({len(self)} words)"
-
-    def word_id(self, word: str) -> int:
-        return self._index.get(word, self.unk_id)
-
-    def encode(self, tokens: Sequence[str]) -> list[int]:
-        """[<sos>, ids..., <eos>]; unknown words become <unk>."""
-        return [self.sos_id, *(self._index.get(t, self.unk_id) for t in tokens), self.eos_id]
-
-    def decode(self, ids: Iterable[int]) -> list[str]:
-        """Words up to the first <eos>, without <sos>/<pad>."""
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == self.eos_id:
-                break
-            if i in (self.sos_id, self.pad_id):
-                continue
-            out.append(self.words[i])
-        return out
-
-    def to_list(self) -> list[str]:
-        return list(self.words)
-
-    @classmethod
-    def from_list(cls, words: Sequence[str]) -> Vocabulary:
-        return cls(words)
-
-    def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.words, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Vocabulary:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"vocabulary file not found: {path}")
-        try:
-            words = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path} is not a JSON vocabulary file: {exc}") from None
-        if not isinstance(words, list):
-            raise ValueError(f"{path}: expected a JSON list of words, got {type(words).__name__}")
-        return cls(words)
-
-
-# ----------------------------------------------------------------------------- config
 
 # ----------------------------------------------------------------------------- records
 
@@ -337,33 +152,40 @@ def _parse_token_file(path: Path, skipped: _Tally, repaired: _Tally) -> dict[str
 
 def _parse_kaggle_csv(path: Path, skipped: _Tally, repaired: _Tally) -> dict[str, list[str]]:
     """captions.txt: CSV with header image,caption; captions with commas are double-quoted."""
-    lines = _read_lines(path, repaired)
-    captions: dict[str, list[str]] = {}
-    reader = csv.reader(lines)
-    header = next(reader, None)
-    if header is None:
-        raise ValueError(f"{path} is empty; expected a CSV with the header image,caption")
-    header = [h.strip().lower() for h in header]
+
+    def rejoin(cells: list[str]) -> list[str] | None:
+        # A line with more cells than the header: an unquoted caption with commas. The caption
+        # is the last column in every release, so the extra cells go back into it.
+        if not any(cell.strip() for cell in cells):
+            return None
+        repaired.add("unquoted_comma", f"{path.name}: {','.join(cells)[:60]}")
+        return [*cells[:n_cols - 1], ",".join(cells[n_cols - 1:])]
+
+    text = "\n".join(_read_lines(path, repaired))
+    try:   # the first line decides how many cells a line has
+        n_cols = pd.read_csv(io.StringIO(text), header=None, nrows=1, dtype=str).shape[1]
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty; expected a CSV with the header image,caption") from None
+    # Everything as text: an empty caption stays "", names are not parsed as numbers; a short
+    # line's missing cells come back as NaN.
+    rows = pd.read_csv(io.StringIO(text), header=None, dtype=str, keep_default_na=False,
+                       engine="python", on_bad_lines=rejoin).values.tolist()
+    header = [str(h).strip().lower() for h in rows[0]]
     if "image" in header and "caption" in header:
-        i_img, i_cap, n_cols, first = header.index("image"), header.index("caption"), len(header), 2
+        i_img, i_cap, rows = header.index("image"), header.index("caption"), rows[1:]
     else:  # no header: the first line is data
-        i_img, i_cap, n_cols, first = 0, 1, 2, 1
-        reader = csv.reader(lines)
-    for number, row in enumerate(reader, first):
-        if not row or not any(cell.strip() for cell in row):
+        i_img, i_cap = 0, 1
+    captions: dict[str, list[str]] = {}
+    for row in rows:
+        cells = [c if isinstance(c, str) else "" for c in row]
+        if not any(c.strip() for c in cells):
             continue
-        if len(row) <= max(i_img, i_cap):
-            skipped.add("malformed_line", f"{path.name}:{number}")
+        short = i_cap >= len(row) or not isinstance(row[i_cap], str)
+        name = cells[i_img].strip()
+        if short or not name:
+            skipped.add("malformed_line", f"{path.name}: {','.join(cells).strip(',')[:60]}")
             continue
-        caption = row[i_cap]
-        if len(row) > n_cols and i_cap == n_cols - 1:
-            # An unquoted caption with commas splits into extra cells: rejoin them.
-            caption = ",".join(row[i_cap:])
-            repaired.add("unquoted_comma", f"{path.name}:{number}")
-        name = row[i_img].strip()
-        if not name:
-            skipped.add("malformed_line", f"{path.name}:{number}")
-            continue
+        caption = cells[i_cap]
         captions.setdefault(name, []).append(caption)
     return captions
 
@@ -458,8 +280,7 @@ def _read_layout(cfg: DataConfig, skipped: _Tally, repaired: _Tally) -> _Raw:
     return _Raw("original", root, images_dir, captions, splits)
 
 
-def _read_karpathy(path: Path, root: Path, images_dir: str | None, skipped: _Tally,
-                   repaired: _Tally) -> _Raw:
+def _read_json(path: Path, repaired: _Tally):
     raw_bytes = path.read_bytes()
     try:
         text = raw_bytes.decode("utf-8-sig")
@@ -467,55 +288,66 @@ def _read_karpathy(path: Path, root: Path, images_dir: str | None, skipped: _Tal
         text = raw_bytes.decode("utf-8-sig", errors="replace")
         repaired.add("non_utf8_bytes", path.name)
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{path}: expected a Karpathy JSON object with an 'images' list")
+
+
+def _karpathy_base(entries: list[dict], root: Path, images_dir: str | None) -> Path:
+    """The image folder: the candidate under which most of the first entries exist."""
     candidates = [Path(images_dir)] if images_dir else [root / n for n in _IMAGE_DIR_NAMES] + [root]
     candidates = [c for c in candidates if c.is_dir()]
     if images_dir and not candidates:
         raise FileNotFoundError(f"--images_dir {images_dir} is not a folder")
+    probe = entries[:50]
+    return max(candidates, key=lambda base: sum(any((base / r).is_file() for r in _karpathy_paths(img))
+                                                for img in probe)) if candidates else root
+
+
+def _karpathy_paths(img: dict) -> list[Path]:
+    """Where an entry's image may be, relative to the image folder (filepath/filename first)."""
+    options = [Path(img["filename"])]
+    if img.get("filepath"):
+        options.insert(0, Path(img["filepath"]) / img["filename"])
+    return options
+
+
+_KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "dev": "val", "valid": "val",
+                    "validation": "val", "test": "test"}
+
+
+def _read_karpathy(path: Path, root: Path, images_dir: str | None, skipped: _Tally,
+                   repaired: _Tally) -> _Raw:
+    """Karpathy JSON: its split field (restval joins train); no split field at all: a seeded split."""
+    data = _read_json(path, repaired)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{path}: expected a Karpathy JSON object with an 'images' list")
     entries = []
     for i, img in enumerate(data["images"]):
-        filename = img.get("filename") if isinstance(img, dict) else None
-        if not filename:
+        if not (isinstance(img, dict) and img.get("filename")):
             skipped.add("malformed_entry", f"{path.name}: images[{i}]")
             continue
         entries.append(img)
-    # The image folder is the candidate under which most of the first entries exist.
-    probe = entries[:50]
-
-    def rel(img: dict) -> list[Path]:
-        options = [Path(img["filename"])]
-        if img.get("filepath"):
-            options.insert(0, Path(img["filepath"]) / img["filename"])
-        return options
-
-    def hits(base: Path) -> int:
-        return sum(any((base / r).is_file() for r in rel(img)) for img in probe)
-
-    base = max(candidates, key=hits) if candidates else root
+    base = _karpathy_base(entries, root, images_dir)
+    has_splits = any("split" in img for img in entries)
     captions: dict[str, list[str]] = {}
     paths: dict[str, Path] = {}
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for img in entries:
-        options = rel(img)
+        options = _karpathy_paths(img)
         name = str(options[0])
         if name in captions:
             skipped.add("duplicate_image_entry", name)
             continue
         paths[name] = next((base / r for r in options if (base / r).is_file()), base / options[0])
-        sentences = img.get("sentences") or []
         captions[name] = [s.get("raw") or " ".join(s.get("tokens", []))
-                          for s in sentences if isinstance(s, dict)]
-        split = img.get("split", "train")
-        split = {"restval": "train", "dev": "val", "valid": "val", "validation": "val"}.get(split, split)
-        if split not in splits:
-            skipped.add("unknown_split", f"{name}: {split}")
+                          for s in img.get("sentences") or [] if isinstance(s, dict)]
+        split = _KARPATHY_SPLITS.get(img.get("split", "train"))
+        if split is None:
+            skipped.add("unknown_split", f"{name}: {img.get('split')}")
             continue
         splits[split].append(name)
-    return _Raw("karpathy", root, base, captions, splits, paths)
+    return _Raw("karpathy", root, base, captions, splits if has_splits else None, paths)
 
 
 # ----------------------------------------------------------------------------- splitting
@@ -550,90 +382,31 @@ def load_dataset(cfg: DataConfig, *, check_images: bool = False) -> DatasetSplit
     are corrupt beyond the header are caught later, when a batch loads them.
     """
     if cfg.hf_dataset:
-        root = materialise_hf_dataset(cfg)
-        splits = load_dataset(dataclasses.replace(cfg, hf_dataset=None, dataset_path=str(root)),
-                              check_images=check_images)
-        splits.layout = "huggingface"
-        return splits
+        root = hf_data.materialise_hf_dataset(cfg)
+        return _load_as(cfg, "huggingface", root, check_images)
     if cfg.dataset_path is None and cfg.captions_file is None:
-        root = ensure_demo_dataset(Path(cfg.demo_dir) if cfg.demo_dir else DEFAULT_DEMO_DIR)
-        splits = load_dataset(dataclasses.replace(cfg, dataset_path=str(root), images_dir=None),
-                              check_images=check_images)
-        splits.layout = "demo"
-        return splits
-
+        return _load_as(cfg, "demo", demo_data.ensure_demo_dataset(cfg.demo_dir or None), check_images)
     skipped, repaired = _Tally(), _Tally()
     raw = _read_layout(cfg, skipped, repaired)
-
-    # Assign splits (by image, over every captioned name, so a photo's split does not depend on
-    # which other files happen to be present).
-    captioned = [name for name, caps in raw.captions.items() if caps]
-    if raw.splits is None:
-        split_names = seeded_split(captioned, cfg.split_sizes, cfg.split_seed)
-    else:
-        split_names, placed = {}, set()
-        for split in ("train", "val", "test"):
-            kept = []
-            for name in raw.splits.get(split, []):
-                if name in placed:
-                    skipped.add("in_several_splits", name)
-                    continue
-                placed.add(name)
-                if name not in raw.captions:
-                    skipped.add("split_entry_without_captions", f"{split}: {name}")
-                    continue
-                kept.append(name)
-            split_names[split] = kept
-        for name in captioned:
-            if name not in placed:
-                skipped.add("not_in_any_split", name)
-
-    # Check the files exist (one directory listing instead of a stat per image).
-    listing: dict[Path, set[str]] = {}
-
-    def exists(path: Path) -> bool:
-        folder = path.parent
-        if folder not in listing:
-            listing[folder] = set(os.listdir(folder)) if folder.is_dir() else set()
-        return path.name in listing[folder]
-
-    # Clean the captions of the images that are there: duplicates, empties, truncation.
+    split_names = _assign_splits(raw, cfg, skipped)
+    exists = _FileIndex()
     truncated = 0
     out: dict[str, list[ImageRecord]] = {}
     for split, names in split_names.items():
-        records = []
+        out[split] = []
         for name in names:
             path = raw.paths[name] if raw.paths else raw.images_dir / name
             if not exists(path):
                 skipped.add("missing_image", name)
                 continue
-            if check_images:
-                problem = check_image_header(path)
-                if problem:
-                    skipped.add("unreadable_image", f"{name}: {problem}")
-                    continue
-            seen: set[str] = set()
-            captions, tokens_list = [], []
-            for caption in raw.captions[name]:
-                key = caption.strip()
-                if key in seen:
-                    skipped.add("duplicate_caption", f"{name}: {key[:60]}")
-                    continue
-                seen.add(key)
-                tokens = tokenize(caption)
-                if not tokens:
-                    skipped.add("empty_caption", name)
-                    continue
-                if len(tokens) > cfg.max_caption_len:
-                    tokens = tokens[:cfg.max_caption_len]
-                    truncated += 1
-                captions.append(key)
-                tokens_list.append(tokens)
-            if not tokens_list:
-                skipped.add("image_without_captions", name)
+            problem = check_image_header(path) if check_images else None
+            if problem:
+                skipped.add("unreadable_image", f"{name}: {problem}")
                 continue
-            records.append(ImageRecord(name, path, captions, tokens_list))
-        out[split] = records
+            record, n_truncated = _clean_record(name, path, raw.captions[name], cfg.max_caption_len, skipped)
+            truncated += n_truncated
+            if record is not None:
+                out[split].append(record)
     if truncated:
         log.info("truncated %d captions to %d words", truncated, cfg.max_caption_len)
     skipped.report("skipped")
@@ -643,6 +416,80 @@ def load_dataset(cfg: DataConfig, *, check_images: bool = False) -> DatasetSplit
                          f"skipped: { {k: v['count'] for k, v in skipped.counts.items()} }")
     return DatasetSplits(raw.layout, raw.root, out["train"], out["val"], out["test"],
                          skipped.counts, repaired.counts, truncated)
+
+
+def _load_as(cfg: DataConfig, layout: str, root: Path, check_images: bool) -> DatasetSplits:
+    """A generated folder (demo, Hugging Face) read like any other, reported under its own name."""
+    plain = dataclasses.replace(cfg, hf_dataset=None, dataset_path=str(root), captions_file=None,
+                                images_dir=None)
+    splits = load_dataset(plain, check_images=check_images)
+    splits.layout = layout
+    return splits
+
+
+def _assign_splits(raw: _Raw, cfg: DataConfig, skipped: _Tally) -> dict[str, list[str]]:
+    """Names per split, by image, over every captioned name (so a photo's split does not depend
+    on which other files happen to be present): the layout's own split, else a seeded one."""
+    captioned = [name for name, caps in raw.captions.items() if caps]
+    if raw.splits is None:
+        return seeded_split(captioned, cfg.split_sizes, cfg.split_seed)
+    split_names, placed = {}, set()
+    for split in ("train", "val", "test"):
+        kept = []
+        for name in raw.splits.get(split, []):
+            if name in placed:
+                skipped.add("in_several_splits", name)
+                continue
+            placed.add(name)
+            if name not in raw.captions:
+                skipped.add("split_entry_without_captions", f"{split}: {name}")
+                continue
+            kept.append(name)
+        split_names[split] = kept
+    for name in captioned:
+        if name not in placed:
+            skipped.add("not_in_any_split", name)
+    return split_names
+
+
+class _FileIndex:
+    """`exists(path)`: one directory listing per folder instead of a stat per image."""
+
+    def __init__(self):
+        self._listing: dict[Path, set[str]] = {}
+
+    def __call__(self, path: Path) -> bool:
+        folder = path.parent
+        if folder not in self._listing:
+            self._listing[folder] = set(os.listdir(folder)) if folder.is_dir() else set()
+        return path.name in self._listing[folder]
+
+
+def _clean_record(name: str, path: Path, raw_captions: list[str], max_len: int,
+                  skipped: _Tally) -> tuple[ImageRecord | None, int]:
+    """An image's record without duplicate or empty captions, truncated to `max_len` words;
+    None when no caption is left. Also returns how many captions were truncated."""
+    seen: set[str] = set()
+    captions, tokens_list, truncated = [], [], 0
+    for caption in raw_captions:
+        key = caption.strip()
+        if key in seen:
+            skipped.add("duplicate_caption", f"{name}: {key[:60]}")
+            continue
+        seen.add(key)
+        tokens = tokenize(caption)
+        if not tokens:
+            skipped.add("empty_caption", name)
+            continue
+        if len(tokens) > max_len:
+            tokens = tokens[:max_len]
+            truncated += 1
+        captions.append(key)
+        tokens_list.append(tokens)
+    if not tokens_list:
+        skipped.add("image_without_captions", name)
+        return None, truncated
+    return ImageRecord(name, path, captions, tokens_list), truncated
 
 
 # ----------------------------------------------------------------------------- images
@@ -719,142 +566,6 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise CorruptImageError(f"{path}: {type(exc).__name__}: {exc}") from exc
 
 
-# ----------------------------------------------------------------------------- demo data set
-
-@dataclass(frozen=True)
-class DemoSpec:
-    """Everything that determines the demo set; change it here and the set is regenerated."""
-    n_images: int = 3000
-    image_size: int = 128
-    seed: int = 0
-    version: int = 1   # bump when the drawing or the captions change
-
-
-DEMO = DemoSpec()
-_DEMO_MARKER = ".complete.json"
-_COLOURS = {"red": (220, 35, 35), "green": (35, 175, 55), "blue": (40, 70, 225), "yellow": (240, 215, 30)}
-_SHAPES = ("circle", "square", "triangle")
-_SIZES = {"small": 12, "large": 26}   # half-extent in pixels at 128 px
-_ONE_SHAPE_TEMPLATES = ("a {a}", "there is a {a} on the background", "a picture of a {a}",
-                        "a {a} on a textured background", "an image showing a {a}")
-_TWO_SHAPE_TEMPLATES = ("a {a} {rel} a {b}", "a {b} {inv} a {a}", "there is a {a} {rel} a {b}",
-                        "a picture of a {b} {inv} a {a}", "a {a} is {rel} a {b}")
-
-
-def _demo_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Grey/brown texture: stripes plus noise, equal in all channels so it stays unsaturated."""
-    base = rng.choice(np.array([[128, 124, 118], [140, 122, 104], [110, 108, 104], [150, 140, 128]],
-                               dtype=np.float32))
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    angle = rng.uniform(0, math.pi)
-    period = rng.uniform(6, 18)
-    stripes = 18 * np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period)
-    coarse = rng.normal(0, 10, (size // 8, size // 8)).repeat(8, 0).repeat(8, 1)
-    fine = rng.normal(0, 8, (size, size))
-    light = (stripes + coarse + fine)[..., None]          # (H, W, 1)
-    return np.clip(base + light, 0, 255).astype(np.uint8)  # (H, W, 3)
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, colour) -> None:
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-    elif shape == "square":
-        h = r * 0.88   # similar area to the circle of radius r
-        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=colour)
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.85), (cx + r, cy + r * 0.85)], fill=colour)
-
-
-def _demo_layout(rng: random.Random, size: int) -> tuple[list[tuple[str, str, str, float, float]], str | None]:
-    """Shapes (size, colour, shape, cx, cy) and the relation of the first to the second."""
-    n = 1 if rng.random() < 0.5 else 2
-    picks = [(rng.choice(tuple(_SIZES)), rng.choice(tuple(_COLOURS)), rng.choice(_SHAPES)) for _ in range(n)]
-    margin = 3
-    if n == 1:
-        r = _SIZES[picks[0][0]]
-        cx, cy = (rng.uniform(r + margin, size - r - margin) for _ in range(2))
-        return [(*picks[0], cx, cy)], None
-    ra, rb = _SIZES[picks[0][0]], _SIZES[picks[1][0]]
-    horizontal = rng.random() < 0.5
-    gap = 8
-    while True:   # rejection sampling: the first shape before the second, clearly apart on the axis
-        a = rng.uniform(ra + margin, size - ra - margin)
-        b = rng.uniform(rb + margin, size - rb - margin)
-        pa = rng.uniform(ra + margin, size - ra - margin)
-        pb = rng.uniform(rb + margin, size - rb - margin)
-        # Along the axis apart by both extents plus a gap; across it, offset at most half the
-        # separation, so "left of" / "above" is the only sensible reading.
-        if b - a >= ra + rb + gap and abs(pb - pa) <= 0.5 * (b - a):
-            break
-    if horizontal:
-        return [(*picks[0], a, pa), (*picks[1], b, pb)], "left of"
-    return [(*picks[0], pa, a), (*picks[1], pb, b)], "above"
-
-
-def demo_example(index: int, spec: DemoSpec | None = None) -> tuple[Image.Image, list[str]]:
-    """Image `index` of the demo set and its five captions (a pure function of index and spec)."""
-    spec = spec or DEMO
-    rng = random.Random(spec.seed * 1_000_003 + index)
-    nrng = np.random.default_rng([spec.seed, index])
-    img = Image.fromarray(_demo_background(nrng, spec.image_size))
-    draw = ImageDraw.Draw(img)
-    scale = spec.image_size / 128
-    shapes, relation = _demo_layout(rng, 128)
-    for size_word, colour, shape, cx, cy in shapes:
-        _draw_shape(draw, shape, cx * scale, cy * scale, _SIZES[size_word] * scale, _COLOURS[colour])
-    words = [f"{s} {c} {sh}" for s, c, sh, _, _ in shapes]
-    if relation is None:
-        captions = [t.format(a=words[0]) for t in _ONE_SHAPE_TEMPLATES]
-    else:
-        inverse = {"left of": "right of", "above": "below"}[relation]
-        captions = [t.format(a=words[0], b=words[1], rel=relation, inv=inverse) for t in _TWO_SHAPE_TEMPLATES]
-    return img, captions
-
-
-def ensure_demo_dataset(root: str | os.PathLike = DEFAULT_DEMO_DIR, spec: DemoSpec | None = None) -> Path:
-    """Generate the demo set into `root` (Kaggle layout) unless a complete one is already there."""
-    root = Path(root)
-    spec = spec or DEMO
-    marker = root / _DEMO_MARKER
-    wanted = dataclasses.asdict(spec)
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == wanted:
-                return root
-        except (OSError, json.JSONDecodeError):
-            pass
-    if root.exists():
-        unknown = [p.name for p in root.iterdir() if p.name not in ("Images", "captions.txt", _DEMO_MARKER)]
-        if unknown:
-            raise ValueError(f"{root} holds files the demo generator did not write ({unknown[:3]}); "
-                             "move them or choose another demo folder")
-    log.info("generating the demo data set (%d images) into %s", spec.n_images, root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "Images").mkdir(parents=True)
-    rows = []
-    for i in range(spec.n_images):
-        name = f"demo_{i:05d}.jpg"
-        img, captions = demo_example(i, spec)
-        img.save(tmp / "Images" / name, quality=92)
-        rows.extend((name, c) for c in captions)
-    with open(tmp / "captions.txt", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "caption"])
-        writer.writerows(rows)
-    (tmp / _DEMO_MARKER).write_text(json.dumps(wanted))   # written last: marks the set complete
-    if root.exists():
-        shutil.rmtree(root)
-    try:
-        os.replace(tmp, root)
-    except OSError:   # another process finished first (e.g. a DDP rank): keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (root / _DEMO_MARKER).is_file():
-            raise
-    return root
-
-
 # ----------------------------------------------------------------------------- summary
 
 def caption_length_stats(records: Iterable[ImageRecord]) -> dict[str, float]:
@@ -890,120 +601,6 @@ def dry_run(cfg: DataConfig) -> dict:
     """Load and check the data (image headers included), build the vocabulary, summarise."""
     splits = load_dataset(cfg, check_images=True)
     return dry_run_summary(splits, build_vocabulary(splits, cfg.min_word_freq))
-
-
-# ----------------------------------------------------------------------------- features files
-
-class FeatureStore:
-    """Read side of the public features format: features.npy (N, P, C) + names.json (+ meta.json).
-
-    The array is memory-mapped, so opening a large file costs nothing and memory does not grow
-    with it; `get` copies one image's features out as float32.
-    """
-
-    def __init__(self, directory: Path, names: list[str], array: np.ndarray, meta: dict):
-        self.directory = directory
-        self.names = names
-        self.meta = meta
-        self._array = array
-        self._index = {n: i for i, n in enumerate(names)}
-
-    @classmethod
-    def open(cls, directory: str | os.PathLike) -> FeatureStore:
-        directory = Path(directory)
-        npy, names_file = directory / "features.npy", directory / "names.json"
-        for f in (npy, names_file):
-            if not f.is_file():
-                raise FileNotFoundError(f"features folder {directory} has no {f.name} "
-                                        "(expected features.npy + names.json)")
-        try:
-            array = np.load(npy, mmap_mode="r")
-        except (ValueError, OSError) as exc:
-            raise ValueError(f"{npy} is not a readable .npy file: {exc}") from None
-        names = json.loads(names_file.read_text(encoding="utf-8"))
-        if array.ndim != 3 or array.dtype not in (np.float16, np.float32):
-            raise ValueError(f"{npy}: expected a (N, P, C) float16/float32 array, "
-                             f"got {array.shape} {array.dtype}")
-        if not isinstance(names, list) or len(names) != array.shape[0]:
-            raise ValueError(f"{directory}: names.json has {len(names)} names for {array.shape[0]} rows")
-        meta_file = directory / "meta.json"
-        meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
-        return cls(directory, names, array, meta)
-
-    @property
-    def num_positions(self) -> int:
-        return int(self._array.shape[1])
-
-    @property
-    def channels(self) -> int:
-        return int(self._array.shape[2])
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._index
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self._index:
-            raise KeyError(f"{name} is not in the features file {self.directory}")
-        row = np.array(self._array[self._index[name]], dtype=np.float32)   # (P, C), a copy off the map
-        return torch.from_numpy(row)
-
-    # Workers started with spawn pickle the data set: send the path, not the mapped array.
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_array"] = None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._array = np.load(self.directory / "features.npy", mmap_mode="r")
-
-
-def write_features(directory: str | os.PathLike, names: Sequence[str], batches: Iterable[np.ndarray],
-                   positions: int, channels: int, meta: dict | None = None) -> None:
-    """Write features in the public format, atomically (a temporary folder renamed into place).
-
-    `batches` yields (b, P, C) arrays in the order of `names`; stored as float16.
-    """
-    directory = Path(directory)
-    names = list(names)
-    if len(set(names)) != len(names):
-        raise ValueError("write_features: names must be unique")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float16,
-                                        shape=(len(names), positions, channels))
-        filled = 0
-        for batch in batches:
-            batch = np.asarray(batch)
-            if batch.ndim != 3 or batch.shape[1:] != (positions, channels):
-                raise ValueError(f"write_features: batch of shape {batch.shape}, "
-                                 f"expected (b, {positions}, {channels})")
-            if filled + len(batch) > len(names):
-                raise ValueError(f"write_features: more rows than the {len(names)} names")
-            out[filled:filled + len(batch)] = batch
-            filled += len(batch)
-        if filled != len(names):
-            raise ValueError(f"write_features: {filled} rows written for {len(names)} names")
-        out.flush()
-        del out
-        (tmp / "names.json").write_text(json.dumps(names), encoding="utf-8")
-        (tmp / "meta.json").write_text(json.dumps(meta or {}, indent=2), encoding="utf-8")
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- datasets and batches
@@ -1182,161 +779,3 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, num
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory,
                       drop_last=drop_last, persistent_workers=num_workers > 0, generator=generator)
-
-
-# ----------------------------------------------------------------------------- Hugging Face datasets
-
-_HF_SPLIT_NAMES = {"train": "train", "validation": "val", "valid": "val", "val": "val", "dev": "val",
-                   "test": "test"}
-_HF_LIST_COLUMNS = ("captions", "sentences", "caption", "text", "raw")
-
-
-def _hf_caption_columns(columns: Sequence[str], override: tuple[str, ...] | None) -> list[str]:
-    if override:
-        missing = [c for c in override if c not in columns]
-        if missing:
-            raise ValueError(f"--hf_caption_columns {missing} not in the data set; columns: {list(columns)}")
-        return list(override)
-    numbered = sorted((c for c in columns if re.fullmatch(r"(caption|sentence|text)_?\d+", c)),
-                      key=lambda c: int(re.search(r"\d+", c).group()))
-    if numbered:
-        return numbered
-    for name in _HF_LIST_COLUMNS:
-        if name in columns:
-            return [name]
-    raise ValueError(f"no caption column found; columns: {list(columns)}; pass --hf_caption_columns")
-
-
-def _hf_captions(row: dict, columns: list[str]) -> list[str]:
-    out: list[str] = []
-    for c in columns:
-        value = row.get(c)
-        if isinstance(value, str):
-            out.append(value)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                if isinstance(v, str):
-                    out.append(v)
-                elif isinstance(v, dict) and isinstance(v.get("raw"), str):
-                    out.append(v["raw"])
-    return out
-
-
-def _import_datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError("--hf_dataset needs the optional `datasets` package: pip install datasets") from None
-    return datasets
-
-
-def _open_hf(name: str, cache_dir: Path):
-    datasets = _import_datasets()
-    path = Path(name)
-    if path.exists():
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file() \
-                or (path / "dataset_info.json").is_file() and any(path.glob("*.arrow")):
-            return datasets.load_from_disk(str(path))
-        if path.is_dir():
-            return datasets.load_dataset("imagefolder", data_dir=str(path),
-                                         cache_dir=str(cache_dir / "_hf_cache"))
-        raise ValueError(f"--hf_dataset {name} is a file; expected a save_to_disk folder, "
-                         "an imagefolder folder or a hub name")
-    try:
-        return datasets.load_dataset(name, cache_dir=str(cache_dir / "_hf_cache"))
-    except Exception as exc:   # the hub raises many types (connection, missing repo, offline)
-        raise ValueError(f"--hf_dataset {name}: could not load it ({type(exc).__name__}: {exc})") from None
-
-
-def materialise_hf_dataset(cfg: DataConfig) -> Path:
-    """Write a Hugging Face image-caption data set once into the Karpathy layout; return its folder."""
-    datasets = _import_datasets()
-
-    cache = Path(cfg.hf_cache_dir) if cfg.hf_cache_dir else DEFAULT_HF_CACHE
-    ds = _open_hf(cfg.hf_dataset, cache)
-    parts = dict(ds) if isinstance(ds, datasets.DatasetDict) else {"train": ds}
-    fingerprint = hashlib.sha1(json.dumps(
-        [cfg.hf_dataset, cfg.hf_image_column, cfg.hf_caption_columns, cfg.split_sizes, cfg.split_seed,
-         sorted((k, getattr(v, "_fingerprint", "")) for k, v in parts.items())]).encode()).hexdigest()[:12]
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.hf_dataset).name or cfg.hf_dataset)[:40]
-    root = cache / f"{slug}-{fingerprint}"
-    if (root / "dataset_hf.json").is_file():
-        return root
-
-    first = next(iter(parts.values()))
-    columns = first.column_names
-    image_column = cfg.hf_image_column
-    if image_column not in columns:
-        guesses = [c for c, f in first.features.items() if isinstance(f, datasets.Image)]
-        if image_column != DataConfig.hf_image_column or not guesses:
-            raise ValueError(f"--hf_image_column {image_column} not in the data set; columns: {columns}")
-        image_column = guesses[0]
-    caption_columns = _hf_caption_columns(columns, cfg.hf_caption_columns)
-    # Some uploads (e.g. of Flickr30k) keep the Karpathy split in a column.
-    known_splits = {*_HF_SPLIT_NAMES, "restval"}
-    split_column = "split" if "split" in columns and set(first.unique("split")) <= known_splits else None
-    log.info("materialising Hugging Face data set %s into %s (image column %s, captions from %s)",
-             cfg.hf_dataset, root, image_column, caption_columns)
-
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    images: list[dict] = []
-    used: set[str] = set()
-    split_known = split_column is not None or (all(k in _HF_SPLIT_NAMES for k in parts) and len(parts) > 1)
-    for part_name, part in parts.items():
-        if isinstance(part.features.get(image_column), datasets.Image):
-            part = part.cast_column(image_column, datasets.Image(decode=False))
-        for i, row in enumerate(part):
-            fallback = f"{part_name}_{i:06d}"
-            # A row without a usable image keeps a name with no file: every load then counts and
-            # reports it as a missing image, like the other layouts do.
-            name = _hf_write_image(row[image_column], tmp / "images", fallback, used) or f"{fallback}.jpg"
-            sentences = [{"raw": c} for c in _hf_captions(row, caption_columns)]
-            if split_column:
-                split = row[split_column]
-            else:
-                split = _HF_SPLIT_NAMES.get(part_name, "train") if split_known else "train"
-            images.append({"filename": name, "split": split, "sentences": sentences})
-    if not split_known:   # one split only: make a seeded split by image like the Kaggle layout
-        names = seeded_split([im["filename"] for im in images], cfg.split_sizes, cfg.split_seed)
-        where = {n: s for s, ns in names.items() for n in ns}
-        for im in images:
-            im["split"] = where[im["filename"]]
-    (tmp / "dataset_hf.json").write_text(json.dumps({"dataset": cfg.hf_dataset, "images": images}),
-                                         encoding="utf-8")
-    try:
-        os.replace(tmp, root)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (root / "dataset_hf.json").is_file():
-            raise
-    return root
-
-
-def _hf_write_image(value, folder: Path, fallback: str, used: set[str]) -> str | None:
-    data: bytes | None = None
-    source: str | None = None
-    if isinstance(value, dict):
-        data, source = value.get("bytes"), value.get("path")
-    elif isinstance(value, str):
-        source = value
-    elif isinstance(value, Image.Image):
-        buffer = io.BytesIO()
-        value.convert("RGB").save(buffer, format="JPEG", quality=95)
-        data, source = buffer.getvalue(), f"{fallback}.jpg"
-    if data is None and source and Path(source).is_file():
-        data = Path(source).read_bytes()
-    if data is None:
-        return None
-    name = Path(source).name if source else ""
-    if not name or name in used or Path(name).suffix.lower() not in _IMAGE_SUFFIXES:
-        try:   # name the file after what the bytes are, so viewers and PIL agree
-            with Image.open(io.BytesIO(data)) as probe:
-                suffix = "." + (probe.format or "jpeg").lower().replace("jpeg", "jpg")
-        except _IMAGE_ERRORS:
-            suffix = ".jpg"   # unreadable: written anyway, and skipped with a count when loaded
-        name = fallback + suffix
-    used.add(name)
-    (folder / name).write_bytes(data)
-    return name

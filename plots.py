@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -139,3 +140,80 @@ def save_attention_figure(path: str | Path, photo, words: Sequence[str], alphas,
     fig = attention_figure(photo, words, alphas, title=title)
     meta = {"panels": len(words) + 1, "words": list(words)}
     return save_figure(fig, path, metadata={"Description": json.dumps(meta)})
+
+
+# ---------------------------------------------------------------- evaluation
+
+def score_density(values, grid: np.ndarray) -> np.ndarray | None:
+    """Gaussian kernel density of `values` on `grid`; None when degenerate.
+
+    Silverman's robust bandwidth (the smaller of the std and IQR/1.34): per-image caption
+    scores pile up at 0 and 1, and the plain std rule smooths those piles away.
+    """
+    v = np.asarray(values, dtype=float)
+    if v.size < 2 or float(v.std()) == 0.0:
+        return None
+    q75, q25 = np.percentile(v, [75, 25])
+    spread = min(v.std(ddof=1), (q75 - q25) / 1.34) or v.std(ddof=1)
+    bw = 0.9 * spread * v.size ** (-1 / 5)
+    z = (grid[:, None] - v[None, :]) / bw  # (G, N): G grid points, N images
+    return np.exp(-0.5 * z * z).sum(axis=1) / (v.size * bw * math.sqrt(2 * math.pi))
+
+
+def score_histograms(per_image: dict[str, dict[str, float | None]], metrics: Sequence[str],
+                     title: str = "") -> Figure:
+    """Histograms (density scale) with a kernel density curve of each per-image metric
+    (up to four: `metrics`, e.g. metrics.PER_IMAGE); an unavailable one gets a note."""
+    fig = Figure(figsize=(10, 7), layout="constrained")
+    for ax, metric in zip(fig.subplots(2, 2).flat, metrics):
+        values = [s[metric] for s in per_image.values() if s.get(metric) is not None]
+        ax.set_title(metric)
+        if not values:
+            ax.text(0.5, 0.5, f"{metric} unavailable", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        v = np.asarray(values, dtype=float)
+        bins = min(30, max(5, int(math.sqrt(v.size)) + 1))
+        ax.hist(v, bins=bins, density=True, color="#9ecae1", edgecolor="#3182bd", label="images")
+        # The curve stays within the observed range: scores outside it do not exist.
+        grid = np.linspace(float(v.min()), float(v.max()), 200)
+        dens = score_density(v, grid)
+        if dens is not None:
+            ax.plot(grid, dens, color="#08519c", lw=2, label="density")
+        ax.axvline(v.mean(), color="#de2d26", ls="--", lw=1.5, label=f"mean {v.mean():.3f}")
+        ax.set(xlabel=f"per-image {metric}", ylabel="density")
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "per-image scores", fontsize=11)
+    return fig
+
+
+def caption_grid(items: list[dict], title: str = "", cols: int = 3) -> Figure:
+    """Grid of images, each with its generated caption and two references underneath.
+
+    `items`: dicts with "image" ((H, W, 3) array, or None: a grey box is drawn), "name",
+    "caption", "references" and optionally "score" (per-image CIDEr-D).
+    """
+    n = max(1, len(items))
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    # Each image gets a text panel under it, so captions never run into the next row.
+    fig = Figure(figsize=(4.2 * cols, 5.2 * rows), layout="constrained")
+    axes = fig.subplots(2 * rows, cols, squeeze=False, gridspec_kw={"height_ratios": [3.2, 1.0] * rows})
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, item in enumerate(items):
+        ax, text_ax = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        if item.get("image") is None:
+            ax.imshow(np.full((8, 8, 3), 0.8))
+            ax.text(0.5, 0.5, "image file not available", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8)
+        else:
+            ax.imshow(item["image"])
+        head = item["name"] if item.get("score") is None else f"{item['name']}  CIDEr-D {item['score']:.2f}"
+        ax.set_title(head, fontsize=8)
+        lines = [textwrap.fill("generated: " + (item["caption"] or "(empty)"), 50)]
+        lines += [textwrap.fill(f"ref {j}: {ref}", 50) for j, ref in enumerate(item["references"][:2], 1)]
+        text_ax.text(0.0, 1.0, "\n".join(lines), transform=text_ax.transAxes, va="top", ha="left", fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    return fig

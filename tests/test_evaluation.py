@@ -1,7 +1,6 @@
-"""`--mode eval` and the scoring wrapper: hand-computed BLEU, the Java-less fallback, the pictures."""
+"""`--mode eval` and metrics.py: hand-computed BLEU, the Java-less fallback, the pictures."""
 from __future__ import annotations
 
-import csv
 import json
 import math
 
@@ -9,14 +8,17 @@ import numpy as np
 import pytest
 
 import data_utils
+import features
 import helpers_infer as hi
 from helpers_infer import one_torch_thread  # noqa: F401  (autouse fixture)
-import main
 import decoding
+import main
+import metrics
 import model
+import plots
 import test_eval
 
-needs_java = pytest.mark.skipif(not test_eval.java_available(), reason="Java is not installed")
+needs_java = pytest.mark.skipif(not metrics.java_available(), reason="Java is not installed")
 
 # ---------------------------------------------------------------- hand-computed BLEU
 #
@@ -50,31 +52,31 @@ BOTH_BLEU = [6 / 9 * BP, (6 / 9 * 4 / 7) ** (1 / 2) * BP, (6 / 9 * 4 / 7 * 2 / 5
 
 
 def test_hand_computed_bleu_one_image():
-    scores = test_eval.score_captions({"cat": CAT_REFS}, {"cat": CAT_HYP}, use_java=False)
+    scores = metrics.score_captions({"cat": CAT_REFS}, {"cat": CAT_HYP}, use_java=False)
     assert [scores.metrics[f"BLEU-{n}"] for n in range(1, 5)] == pytest.approx(CAT_BLEU, rel=1e-6)
     assert scores.metrics["METEOR"] is None and "Java" in scores.meteor_note
-    assert "python PTB rule" in scores.tokenizer
+    assert "Treebank" in scores.tokenizer
 
 
 def test_hand_computed_bleu_pools_counts_over_images_and_groups_references_per_image():
     refs = {"cat": CAT_REFS, "dogs": DOG_REFS}
     hyps = {"dogs": DOG_HYP, "cat": CAT_HYP}  # order of the keys must not matter
-    got = test_eval.score_captions(refs, hyps, use_java=False).metrics
+    got = metrics.score_captions(refs, hyps, use_java=False).metrics
     assert [got[f"BLEU-{n}"] for n in range(1, 5)] == pytest.approx(BOTH_BLEU, rel=1e-6)
     # Same numbers from the validation helper on already tokenised text.
     tokenised_refs = {"cat": ["a cat sits on the mat", "there is a cat on the mat"],
                       "dogs": ["two dogs play", "dogs are playing in the park"]}
-    assert test_eval.corpus_bleu(tokenised_refs, {"cat": "the cat the cat on the mat", "dogs": "dogs play"}) \
+    assert metrics.corpus_bleu(tokenised_refs, {"cat": "the cat the cat on the mat", "dogs": "dogs play"}) \
         == pytest.approx(BOTH_BLEU, rel=1e-6)
     # Swapping the reference groups must change the score: references are matched per image.
-    swapped = test_eval.score_captions({"cat": DOG_REFS, "dogs": CAT_REFS}, hyps, use_java=False).metrics
+    swapped = metrics.score_captions({"cat": DOG_REFS, "dogs": CAT_REFS}, hyps, use_java=False).metrics
     assert swapped["BLEU-1"] < 0.5 * got["BLEU-1"]
 
 
 def test_without_java_the_fallback_is_named_and_meteor_reported_unavailable(monkeypatch):
-    monkeypatch.setattr(test_eval, "java_available", lambda: False)
-    scores = test_eval.score_captions({"cat": CAT_REFS}, {"cat": CAT_HYP})  # auto-detect
-    assert scores.tokenizer == test_eval.FALLBACK_TOKENIZER
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    scores = metrics.score_captions({"cat": CAT_REFS}, {"cat": CAT_HYP})  # auto-detect
+    assert scores.tokenizer == metrics.FALLBACK_TOKENIZER
     assert scores.metrics["METEOR"] is None and scores.meteor_note.endswith("Java was not found")
     assert all(s["METEOR"] is None for s in scores.per_image.values())
     assert scores.metrics["BLEU-4"] == pytest.approx(CAT_BLEU[3], rel=1e-6)
@@ -82,9 +84,9 @@ def test_without_java_the_fallback_is_named_and_meteor_reported_unavailable(monk
 
 def test_scoring_refuses_images_without_references():
     with pytest.raises(ValueError, match="no reference captions"):
-        test_eval.score_captions({"cat": CAT_REFS}, {"cat": CAT_HYP, "dogs": DOG_HYP}, use_java=False)
+        metrics.score_captions({"cat": CAT_REFS}, {"cat": CAT_HYP, "dogs": DOG_HYP}, use_java=False)
     with pytest.raises(ValueError, match="no generated captions"):
-        test_eval.score_captions({"cat": CAT_REFS}, {}, use_java=False)
+        metrics.score_captions({"cat": CAT_REFS}, {}, use_java=False)
 
 
 # Caption-like text with the punctuation, clitics and case PTB tokenisation has to handle.
@@ -99,8 +101,8 @@ MIXED_HYPS = {"a": "A dog's red ball on the grass.", "b": "Two men play soccer o
 
 @needs_java
 def test_fallback_tokenisation_agrees_with_the_java_path():
-    java = test_eval.score_captions(MIXED_REFS, MIXED_HYPS, use_java=True)
-    python = test_eval.score_captions(MIXED_REFS, MIXED_HYPS, use_java=False)
+    java = metrics.score_captions(MIXED_REFS, MIXED_HYPS, use_java=True)
+    python = metrics.score_captions(MIXED_REFS, MIXED_HYPS, use_java=False)
     for n in range(1, 5):
         assert abs(java.metrics[f"BLEU-{n}"] - python.metrics[f"BLEU-{n}"]) < 1e-3
     assert java.metrics["ROUGE-L"] == pytest.approx(python.metrics["ROUGE-L"], abs=1e-3)
@@ -112,33 +114,27 @@ def test_fallback_tokenisation_agrees_with_the_java_path():
 
 
 @needs_java
-def test_java_and_fallback_tokenise_captions_identically():
+def test_java_and_fallback_tokenise_captions_identically_but_a_final_abbreviation():
     lines = [c for caps in MIXED_REFS.values() for c in caps] + list(MIXED_HYPS.values())
-    assert test_eval._java_ptb_lines(lines) == [test_eval.ptb_like_tokenize(c) for c in lines]
+    java = metrics.java_ptb_lines(lines)
+    fallback = [metrics.treebank_tokenize(c) for c in lines]
+    differ = [(j, f) for j, f in zip(java, fallback) if j != f]
+    # Treebank splits only the final period, so a closing "p.m." loses its dot (documented).
+    assert differ == [("two men one in a t-shirt play soccer at 3:30 p.m.",
+                       "two men one in a t-shirt play soccer at 3:30 p.m")]
+
+
+def test_fallback_tokenizer_splits_clitics_brackets_and_quotes_like_ptb():
+    assert metrics.treebank_tokenize("The dog doesn't fetch (a red ball), \"he\" said; it's 3:30!") \
+        == "the dog does n't fetch -lrb- a red ball -rrb- he said it 's 3:30"
+    assert metrics.treebank_tokenize("A man cannot\nswim ...") == "a man can not swim"
 
 
 # ---------------------------------------------------------------- --mode eval end to end
 
-def make_kaggle_set(root, n: int = 10):
-    """A Kaggle-layout data set of coloured photos, two references each (one with punctuation)."""
-    images = root / "Images"
-    rows = []
-    for i in range(n):
-        kind = "red" if i % 2 == 0 else "blue"
-        name = f"img{i:02d}.jpg"
-        hi.make_photo(images / name, kind, 100 + i)
-        cap = hi.KINDS[kind][1]
-        rows += [(name, cap.capitalize() + " ."), (name, cap.replace(" a ", " one ", 1))]
-    with open(root / "captions.txt", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "caption"])
-        w.writerows(rows)
-    return root
-
-
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
-    return make_kaggle_set(tmp_path_factory.mktemp("kaggle"))
+    return hi.make_kaggle_set(tmp_path_factory.mktemp("kaggle"))
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +171,7 @@ def test_eval_writes_results_and_pictures_and_decodes_each_image_once(tiny_set, 
     assert summary["num_images"] == 4 and summary["split"] == "test"
     assert summary["decoding"]["beam_size"] == 2 and summary["checkpoint"] == str(ckpt)
     assert set(summary["metrics"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D"}
-    assert summary["metrics"]["METEOR"] is None and "python PTB rule" in summary["tokenizer"]
+    assert summary["metrics"]["METEOR"] is None and "Treebank" in summary["tokenizer"]
     assert sorted(summary["per_image"]) == test_names
 
     captions = json.loads((results / "captions_test.json").read_text())
@@ -193,7 +189,7 @@ def test_eval_on_a_features_directory(tiny_set, tmp_path, tmp_path_factory, monk
     names = [r.name for r in splits.train + splits.val + splits.test]
     rng = np.random.default_rng(0)
     feats_dir = tmp_path / "features"
-    data_utils.write_features(feats_dir, names, [rng.standard_normal((len(names), 4, 8)).astype(np.float32)],
+    features.write_features(feats_dir, names, [rng.standard_normal((len(names), 4, 8)).astype(np.float32)],
                               positions=4, channels=8, meta={"encoder": "test"})
     ckpt = hi.features_checkpoint(tmp_path_factory.getbasetemp(), feature_dim=8)
     monkeypatch.chdir(tmp_path)
@@ -212,23 +208,23 @@ def test_histograms_keep_per_image_scores_and_draw_density_curves(tmp_path):
     rng = np.random.default_rng(0)
     per = {str(i): {"BLEU-4": float(rng.random()), "METEOR": None, "ROUGE-L": float(rng.random()),
                     "CIDEr-D": float(rng.exponential())} for i in range(50)}
-    path = test_eval.plot_score_histograms(per, tmp_path / "h.png")
+    path = plots.save_figure(plots.score_histograms(per, metrics.PER_IMAGE), tmp_path / "h.png")
     assert path.stat().st_size > 10_000
     grid = np.linspace(-1, 2, 3001)
-    dens = test_eval._density([s["ROUGE-L"] for s in per.values()], grid)
+    dens = plots.score_density([s["ROUGE-L"] for s in per.values()], grid)
     assert dens.sum() * (grid[1] - grid[0]) == pytest.approx(1.0, abs=0.02)  # a density integrates to 1
-    assert test_eval._density([0.5, 0.5], grid) is None
+    assert plots.score_density([0.5, 0.5], grid) is None
 
 
 def test_wandb_gets_the_metrics_table_and_pictures(tmp_path, monkeypatch):
     import sys
     import types
 
-    import train
+    import run_logging
 
     logged, finished = [], []
     run = types.SimpleNamespace(log=logged.append, finish=lambda: finished.append(True))
-    monkeypatch.setattr(train, "start_wandb", lambda cfg, config: run)
+    monkeypatch.setattr(run_logging, "start_wandb", lambda mode, config, **kw: run)
 
     class Table:
         def __init__(self, columns):
@@ -242,8 +238,9 @@ def test_wandb_gets_the_metrics_table_and_pictures(tmp_path, monkeypatch):
     summary = {"split": "test", "checkpoint": "c.pt", "decoding": {"beam_size": 3},
                "metrics": {"BLEU-4": 0.25, "METEOR": None, "CIDEr-D": 0.5},
                "per_image": {"x.jpg": {"caption": "a dog", "BLEU-4": 0.1, "METEOR": None, "ROUGE-L": 0.3,
-                                       "CIDEr-D": 0.2}}}
-    test_eval._log_wandb(summary, tmp_path / "h.png", tmp_path / "g.png", "offline", "p", None)
+                                       "CIDEr-D": 0.2}},
+               "figures": {"histograms": str(tmp_path / "h.png"), "grid": str(tmp_path / "g.png")}}
+    test_eval._log_wandb(summary, "offline", "p", None)
     assert logged[0] == {"eval_test/BLEU-4": 0.25, "eval_test/CIDEr-D": 0.5}  # unavailable METEOR left out
     table = logged[1]["eval_test/per_image"]
     assert table.rows == [("x.jpg", "a dog", 0.1, None, 0.3, 0.2)]
