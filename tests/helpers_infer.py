@@ -1,12 +1,13 @@
 """Fixtures shared by tests/test_captioning.py and tests/test_evaluation.py.
 
 A tiny checkpoint (resnet18 without ImageNet weights, 64x64 inputs, 2x2 attention grid,
-16-32 wide decoder) trained for a few steps on coloured synthetic photos, and a tiny data
-set in the Kaggle layout made of the same kind of photos. Built once per test session
-(cached here, since both test files import this module).
+16-32 wide decoder) trained on coloured synthetic photos until its caption depends on the
+photo's colour, and a tiny data set in the Kaggle layout made of the same kind of photos.
+Checkpoints are built once per test session (cached here: every test file shares them).
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 from pathlib import Path
 
@@ -55,6 +56,23 @@ def make_photo(path: Path, kind: str, seed: int, size: int = 80) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     photo(kind, seed, size).save(path)
     return path
+
+
+def make_kaggle_set(root: Path, n: int = 10) -> Path:
+    """A Kaggle-layout data set of coloured photos, two references each (one with punctuation)."""
+    images = root / "Images"
+    rows = []
+    for i in range(n):
+        kind = "red" if i % 2 == 0 else "blue"
+        name = f"img{i:02d}.jpg"
+        make_photo(images / name, kind, 100 + i)
+        cap = KINDS[kind][1]
+        rows += [(name, cap.capitalize() + " ."), (name, cap.replace(" a ", " one ", 1))]
+    with open(root / "captions.txt", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        w.writerows(rows)
+    return root
 
 
 def tiny_model_config(encoder: str = "resnet18", feature_dim: int = 512) -> ModelConfig:
