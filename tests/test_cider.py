@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pycocoevalcap.cider.cider import Cider
 
-from cider import CiderD, ngrams
+from cider import CiderD, ngram_keys
 
 
 def coco_scores(candidates, references):
@@ -114,6 +114,9 @@ def test_training_split_document_frequencies_move_weight_to_words_rare_in_traini
     # "grass" the other way round
     assert split.score(grass, scored[:1])[0] == pytest.approx(0.0, abs=1e-12)
     assert train.score(grass, scored[:1])[0] > 0.5
+    # words training never saw (df 0) still match each other, at the highest weight, log(D)
+    assert train.document_frequency(["zebra"]) == 0
+    assert train.score([["zebra", "grazes"]], [[["a", "zebra", "grazes"]]])[0] > 2.0
 
 
 def test_ref_index_shares_reference_sets_between_samples():
@@ -147,6 +150,12 @@ def test_bad_inputs_are_named():
     assert scorer.score([], refs, ref_index=[]).shape == (0,)
 
 
-def test_ngrams():
-    assert ngrams(["a", "a", "b"]) == [("a",), ("a",), ("b",), ("a", "a"), ("a", "b"), ("a", "a", "b")]
-    assert ngrams([]) == []
+def test_ngram_keys_pack_word_ids_and_stop_at_sentence_ends():
+    # sentences [1, 1, 2] and [3]: no n-gram spans "2 3"
+    keys, sent, order = ngram_keys(np.array([1, 1, 2, 3], dtype=np.uint64), np.array([3, 1]))
+    b = 1 << 16
+    found = sorted(zip(order.tolist(), sent.tolist(), keys.tolist()))
+    assert found == [(0, 0, 1), (0, 0, 1), (0, 0, 2), (0, 1, 3), (1, 0, b + 1), (1, 0, b + 2),
+                     (2, 0, (b + 1) * b + 2)]
+    empty = ngram_keys(np.zeros(0, dtype=np.uint64), np.array([0, 0]))
+    assert all(len(a) == 0 for a in empty)
