@@ -148,6 +148,18 @@ def test_karpathy_layout_restval_joins_train(karpathy_dir):
     assert s.train[0].path.is_file()
 
 
+def test_karpathy_json_without_any_split_field_gets_the_seeded_split(karpathy_dir):
+    data = json.loads((karpathy_dir / "dataset_flickr8k.json").read_text())
+    for img in data["images"]:
+        del img["split"]
+    (karpathy_dir / "dataset_flickr8k.json").write_text(json.dumps(data))
+    s = _load(karpathy_dir, split_sizes=(5, 2))
+    # The seeded split is made over all 9 captioned names; the one without a file is dropped after.
+    assert sum(map(len, (s.train, s.val, s.test))) == 8 and s.skipped["missing_image"]["count"] == 1
+    assert [r.name for r in s.test] == [r.name for r in _load(karpathy_dir, split_sizes=(5, 2)).test]
+    assert {r.name for r in s.test} != {r.name for r in _load(karpathy_dir, split_sizes=(5, 2), split_seed=1).test}
+
+
 def test_explicit_files_override_detection(kaggle_dir, tmp_path):
     moved = tmp_path / "elsewhere.csv"
     moved.write_bytes((kaggle_dir / "captions.txt").read_bytes())
