@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from config import ModelConfig
-from data_utils import Vocabulary
+from text import Vocabulary
 import fileio
 import model as model_lib
 

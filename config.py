@@ -177,6 +177,7 @@ class TrainConfig:
     features_root: str = "data/features"  # where cached encoder features are kept
     cache_features: bool = True         # frozen encoder: run the CNN once per image, cache it
     resume: str | None = None           # checkpoint path, or "auto" for <weights_dir>/last.pt
+    overwrite: bool = False             # a new run may replace an earlier run's files (else: refused)
     num_samples: int = 4                # validation captions shown per epoch (wandb/TensorBoard)
 
     def __post_init__(self):

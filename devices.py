@@ -5,12 +5,57 @@ mean the same everywhere.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
+from datetime import timedelta
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from config import AMP_MODES
 
+logger = logging.getLogger(__name__)
+
 DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    """Where this process stands in a torchrun job (world_size 1 when not launched by it)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every rank (a no-op in a single process)."""
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed(device_choice: str) -> Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1: NCCL on GPUs, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_choice != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        # Long timeout: ranks > 0 wait at a collective while rank 0 decodes the validation set.
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=60))
+    logger.info("distributed: rank %d of %d (%s)", rank, world_size, dist.get_backend())
+    return Dist(rank, world_size, local_rank)
 
 
 def resolve_device(choice: str | torch.device | None = "auto", local_rank: int | None = None) -> torch.device:

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from tqdm import tqdm
+
 from config import WANDB_MODES
 import plots
 
@@ -21,6 +23,14 @@ logger = logging.getLogger(__name__)
 # Every logged sample figure is rendered at this size (inches): wandb shows a list of images
 # correctly only when they share one size.
 SAMPLE_FIGURE_SIZE = (12.0, 6.0)
+
+
+def progress(iterable=None, show: bool = True, **kwargs):
+    """A tqdm bar; hidden where `show` is false (ranks > 0). Left to tqdm otherwise, so
+    TQDM_DISABLE=1 silences it."""
+    if not show:
+        kwargs["disable"] = True
+    return tqdm(iterable, dynamic_ncols=True, **kwargs)
 
 
 def epoch_line(row: dict, epochs: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,8 +19,11 @@ from PIL import Image
 
 import checkpoint as ck
 import data_utils
+import features
 import main as cli
+import extract
 import model as model_lib
+import run_logging
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,11 +136,10 @@ def test_wandb_failure_is_one_warning_and_training_goes_on(monkeypatch, caplog):
         raise RuntimeError("network unreachable\nmore detail")
 
     monkeypatch.setattr(wandb, "init", broken)
-    cfg = train.TrainConfig(wandb="offline")
-    assert train.start_wandb(cfg, {}) is None
+    assert run_logging.start_wandb("offline", {}) is None
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "network unreachable" in warnings[0].getMessage()
-    assert train.start_wandb(train.TrainConfig(wandb="disabled"), {}) is None
+    assert run_logging.start_wandb("disabled", {}) is None
 
 
 def test_fine_tune_end_to_end_with_batch_4_uses_encoder_lr(dataset, tmp_path):
@@ -251,7 +254,7 @@ def test_nan_losses_are_skipped_then_stop_training_keeping_the_last_good_checkpo
     plan["bad"] = set(range(plan["n"] + 1, plan["n"] + 100))
     cfg = dataclasses.replace(cfg, epochs=3, resume="auto")
     assert train.run_training(data_cfg, model_cfg, cfg) == 1
-    assert "3 non-finite losses in a row" in caplog.text
+    assert re.search(r"[3-9] non-finite losses in a row", caplog.text)
     assert_same_state(good, weights_of(tmp_path / "weights" / "last.pt"))
 
 
@@ -261,7 +264,7 @@ def feature_dir(dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ext") / "feats"
     names = sorted(p.name for p in (dataset / "Images").iterdir())
     rng = np.random.default_rng(0)
-    data_utils.write_features(out, names, [rng.random((len(names), 4, 8), dtype=np.float32)], 4, 8)
+    features.write_features(out, names, [rng.random((len(names), 4, 8), dtype=np.float32)], 4, 8)
     return out
 
 
@@ -402,7 +405,7 @@ def test_extract_then_train_on_features_dir_never_builds_the_cnn(dataset, tmp_pa
     assert extracted.parent == cache
     data_cfg, model_cfg, cfg = configs(dataset, tmp_path / "frozen", cache)
     calls = []
-    monkeypatch.setattr(train, "extract_features", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(extract, "extract_features", lambda *a, **k: calls.append(1))
     assert train.run_training(data_cfg, model_cfg, cfg) == 0
     assert calls == []
 
@@ -410,7 +413,7 @@ def test_extract_then_train_on_features_dir_never_builds_the_cnn(dataset, tmp_pa
         raise AssertionError("the CNN was built")
 
     monkeypatch.setattr(model_lib, "Encoder", no_cnn)
-    monkeypatch.setattr(train, "extract_features", no_cnn)
+    monkeypatch.setattr(extract, "extract_features", no_cnn)
     data_cfg, model_cfg, cfg = configs(dataset, tmp_path, features_dir=str(feats))
     assert train.run_training(data_cfg, model_cfg, cfg) == 0
     ckpt = ck.load_checkpoint(tmp_path / "weights" / "best.pt")
@@ -425,13 +428,13 @@ def test_features_key_changes_with_weights_size_and_images(dataset):
                                 encoded_size=2)
     torch.manual_seed(0)
     enc = model_lib.build_model(cfg).encoder
-    key, meta = train.features_key(cfg, enc, ["a.jpg", "b.jpg"])
-    assert key == train.features_key(cfg, enc, ["a.jpg", "b.jpg"])[0]
-    assert key != train.features_key(cfg, enc, ["a.jpg"])[0]
-    assert key != train.features_key(dataclasses.replace(cfg, encoded_size=3), enc, ["a.jpg", "b.jpg"])[0]
+    key, meta = extract.features_key(cfg, enc, ["a.jpg", "b.jpg"])
+    assert key == extract.features_key(cfg, enc, ["a.jpg", "b.jpg"])[0]
+    assert key != extract.features_key(cfg, enc, ["a.jpg"])[0]
+    assert key != extract.features_key(dataclasses.replace(cfg, encoded_size=3), enc, ["a.jpg", "b.jpg"])[0]
     torch.manual_seed(1)
     other = model_lib.build_model(cfg).encoder
-    assert key != train.features_key(cfg, other, ["a.jpg", "b.jpg"])[0]
+    assert key != extract.features_key(cfg, other, ["a.jpg", "b.jpg"])[0]
 
 
 # ---------------------------------------------------------------- demo preset, pieces
@@ -514,11 +517,11 @@ def test_train_step_runs_the_encoder_once_per_distinct_image():
 
 def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     train.seed_everything(5)
-    state = train.rng_state()
+    state = ck.rng_state()
     ck.save_checkpoint(tmp_path / "r.pt", {"format": ck.FORMAT, "model_config": {}, "vocab": [],
                                             "model": {}, "rng": state})
     expected = (np.random.rand(), torch.rand(2), __import__("random").random())
     train.seed_everything(99)
-    train.set_rng_state(ck.load_checkpoint(tmp_path / "r.pt")["rng"])
+    ck.set_rng_state(ck.load_checkpoint(tmp_path / "r.pt")["rng"])
     got = (np.random.rand(), torch.rand(2), __import__("random").random())
     assert got[0] == expected[0] and torch.equal(got[1], expected[1]) and got[2] == expected[2]
