@@ -21,6 +21,7 @@ from pathlib import Path
 
 import checkpoint
 import fileio
+import hub
 from config import DecodeConfig, ModelConfig
 from model import image_transform
 
@@ -267,8 +268,7 @@ def run_export(checkpoint_path: str | os.PathLike, output: str | os.PathLike, *,
                        overwrite=overwrite, source=str(checkpoint_path))
     print(f"exported {checkpoint_path} to {out}")
     if push_to_hub:
-        import hub
-
+        read_model_folder(out)  # publish only a folder that loads
         url = hub.push_folder(out, push_to_hub, private=private)
         print(f"uploaded {out} to {url}")
     return out

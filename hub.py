@@ -13,8 +13,6 @@ import os
 import re
 from pathlib import Path
 
-import export
-
 logger = logging.getLogger(__name__)
 
 SCHEME = "hf://"
@@ -72,11 +70,12 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     """Upload an exported folder as model repository `repo_id` (created if needed); returns its URL.
 
     The token comes from the usual places (HF_TOKEN, `huggingface-cli login`) unless given. The
-    folder is checked first (it must load), and it is never changed: a failed upload says so and
-    leaves it intact.
+    folder is never changed: a failed upload says so and leaves it intact. (export.run_export checks
+    that the folder loads before it calls this.)
     """
     folder = Path(folder)
-    export.read_model_folder(folder)  # refuse to publish a folder that would not load
+    if not folder.is_dir() or not any(folder.iterdir()):
+        raise FileNotFoundError(f"folder to upload {folder} does not exist or is empty")
     if not _REPO_ID.match(repo_id) or "/" not in repo_id:
         raise ValueError(f"--push_to_hub {repo_id!r}: expected OWNER/NAME (letters, digits, - _ .)")
     kept = f"; the exported folder {folder} is intact"

@@ -105,7 +105,7 @@ def create_app(captioner: test.Captioner, decode_cfg: DecodeConfig, *, max_bytes
     """The FastAPI app serving one loaded captioner."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.concurrency import run_in_threadpool
+    from fastapi.concurrency import run_in_threadpool
 
     if captioner.transform is None:
         raise ValueError(f"{captioner.source} reads precomputed features, not photos: it cannot serve a photo page")

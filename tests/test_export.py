@@ -250,3 +250,19 @@ def test_push_refuses_offline_a_bad_repo_id_and_a_broken_folder(folder, tmp_path
         hub.push_folder(folder, "no-owner")
     with pytest.raises(FileNotFoundError):
         hub.push_folder(tmp_path / "absent", "someone/tiny-captioner")
+
+
+def test_run_export_writes_the_folder_first_so_a_failed_upload_loses_nothing(tiny_pt, tmp_path, fake_hub,
+                                                                             monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    out = export.run_export(tiny_pt, tmp_path / "pushed", push_to_hub="someone/tiny-captioner")
+    assert [c[0] for c in fake_hub] == ["create", "upload"] and "uploaded" in capsys.readouterr().out
+
+    def offline(self, **kw):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(HfApi, "upload_folder", offline)
+    with pytest.raises(ValueError, match="is intact"):
+        export.run_export(tiny_pt, tmp_path / "second", push_to_hub="someone/tiny-captioner")
+    assert export.read_model_folder(tmp_path / "second")["vocab"] == export.read_model_folder(out)["vocab"]
