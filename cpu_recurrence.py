@@ -204,10 +204,7 @@ class _Recurrence(torch.autograd.Function):
                 if y > 0:
                     dx = dgates[y][r] @ upper[2 * y - 2]  # (b, 2H): [below, h_prev]
                     dh[y, :b].copy_(dx[:, H:])
-                    if masks is not None:
-                        dh[y - 1, :b].addcmul_(dx[:, :H], masks[y - 1][r])
-                    else:
-                        dh[y - 1, :b].add_(dx[:, :H])
+                    dh[y - 1, :b].add_(dx[:, :H] if masks is None else dx[:, :H] * masks[y - 1][r])
                 else:
                     dx = dgates[0][r] @ wc  # (b, D+H): [context, h_prev]
                     dh[0, :b].copy_(dx[:, D:])
