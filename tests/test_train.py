@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -525,3 +526,150 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     ck.set_rng_state(ck.load_checkpoint(tmp_path / "r.pt")["rng"])
     got = (np.random.rand(), torch.rand(2), __import__("random").random())
     assert got[0] == expected[0] and torch.equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+# ---------------------------------------------------------------- promises (issue 14)
+
+def _scripted_validation(scores):
+    """validate() returning these BLEU-4 scores epoch after epoch (the schedule's input)."""
+    it = iter(scores)
+
+    def fake(*args, **kwargs):
+        b = next(it)
+        return train.Validation(loss=1.0, acc=0.5, bleu=[b] * 4, samples=[])
+    return fake
+
+
+def test_early_stopping_and_plateau_resume_exactly_and_the_bar_ends_where_the_run_did(
+        dataset, feature_dir, tmp_path, monkeypatch):
+    scores = [0.1, 0.2, 0.15, 0.18, 0.19, 0.3]  # best at 2, then 3 epochs without a better one
+    kw = dict(features_dir=str(feature_dir), batch_size=8, patience=3, lr_patience=1, lr=1e-3, epochs=10)
+    bars = []
+    real_progress = train.progress
+
+    def spy(*args, **kwargs):
+        if kwargs.get("desc") != "epochs":
+            return real_progress(*args, **kwargs)
+        bars.append(real_progress(*args, **kwargs, disable=False, file=io.StringIO()))
+        return bars[-1]
+
+    monkeypatch.setattr(train, "progress", spy)
+    monkeypatch.setattr(train, "validate", _scripted_validation(scores))
+    assert train.run_training(*configs(dataset, tmp_path / "full", **kw)) == 0
+    full = json.loads((tmp_path / "full" / "weights" / "history.json").read_text())
+    assert [h["epoch"] for h in full] == [1, 2, 3, 4, 5]  # stopped after 3 epochs without a better score
+    # ReduceLROnPlateau(patience=1): the rate halves after the 2nd epoch without improvement.
+    assert [h["lr"] for h in full] == [1e-3, 1e-3, 1e-3, 1e-3, 5e-4]
+    assert (bars[0].n, bars[0].total) == (5, 5)
+    best = ck.load_checkpoint(tmp_path / "full" / "weights" / "best.pt")
+    assert best["epoch"] == 2 and best["best_score"] == max(h["bleu4"] for h in full)
+
+    # Interrupted after epoch 3 (plateau and early-stopping counters at 1), then resumed.
+    part = tmp_path / "part"
+    monkeypatch.setattr(train, "validate", _scripted_validation(scores[:3]))
+    assert train.run_training(*configs(dataset, part, **dict(kw, epochs=3))) == 0
+    assert ck.load_checkpoint(part / "weights" / "last.pt")["early_stopping"]["bad_epochs"] == 1
+    monkeypatch.setattr(train, "validate", _scripted_validation(scores[3:]))
+    assert train.run_training(*configs(dataset, part, resume="auto", **kw)) == 0
+    resumed = json.loads((part / "weights" / "history.json").read_text())
+    assert [(h["epoch"], h["lr"]) for h in resumed] == [(h["epoch"], h["lr"]) for h in full]
+    assert_same_state(weights_of(tmp_path / "full" / "weights" / "last.pt"), weights_of(part / "weights" / "last.pt"))
+
+
+def test_a_new_run_refuses_to_replace_an_earlier_one_unless_overwrite(dataset, feature_dir, tmp_path,
+                                                                      capsys):
+    cfgs = configs(dataset, tmp_path, features_dir=str(feature_dir))
+    assert train.run_training(*cfgs) == 0
+    before = (tmp_path / "weights" / "last.pt").read_bytes()
+    argv = ["--mode", "train", "--dataset_path", str(dataset), "--split_sizes", "16", "4",
+            "--min_word_freq", "1", "--num_workers", "0", "--features_dir", str(feature_dir),
+            "--embed_dim", "16", "--attention_dim", "16", "--decoder_dim", "16",
+            "--weights_dir", str(tmp_path / "weights"), "--graphs_dir", str(tmp_path / "graphs"),
+            "--wandb", "disabled", "--epochs", "1"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds an earlier training run" in err and "\n" not in err
+    assert all(way in err for way in ("--resume auto", "--weights_dir NEW", "--overwrite"))
+    assert (tmp_path / "weights" / "last.pt").read_bytes() == before
+    assert cli.main(argv + ["--overwrite", "--seed", "1"]) == 0
+    assert (tmp_path / "weights" / "last.pt").read_bytes() != before
+
+
+def test_a_nan_step_leaves_weights_and_optimizer_unchanged_and_clipping_caps_the_norm():
+    torch.manual_seed(0)
+    cfg_m = model_lib.ModelConfig(vocab_size=9, encoder="features", pretrained=False, feature_dim=8,
+                                  encoded_size=2, embed_dim=8, attention_dim=8, decoder_dim=8, dropout=0.0)
+    model = model_lib.build_model(cfg_m)
+    cfg = train.TrainConfig(lr=1e-2, grad_clip=0.01, wandb="disabled")
+    optimizer = train.make_optimizer(model, cfg_m, cfg)
+    scaler = train.make_scaler(torch.device("cpu"), None)
+    net = train.TrainStep(model)
+    feats = torch.randn(2, 4, 8)
+    captions = torch.tensor([[1, 4, 5, 2], [1, 6, 2, 0]])
+    lengths = torch.tensor([4, 3])
+
+    class Batch:
+        inputs, image_idx = feats, torch.tensor([0, 1])
+
+    Batch.captions, Batch.lengths = captions, lengths
+    sums = train.DeviceSums(torch.device("cpu"))
+    norms = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm):
+        total = real_clip(params, max_norm)
+        norms.append((total, torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))))
+        return total
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+        train.train_step(net, Batch, optimizer, scaler, torch.device("cpu"), cfg, alpha_c=1.0,
+                         amp_dtype=None, sums=sums)
+    assert norms[0][0] > 0.01 and norms[0][1] == pytest.approx(0.01, rel=1e-4)  # capped
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(state[k], good[k]) for k in state)
+    steps = [s["step"].item() for s in optimizer.state.values()]
+    Batch.inputs = feats * float("nan")
+    train.train_step(net, Batch, optimizer, scaler, torch.device("cpu"), cfg, alpha_c=1.0,
+                     amp_dtype=None, sums=sums)
+    assert_same_state(good, model.state_dict())
+    assert [s["step"].item() for s in optimizer.state.values()] == steps
+    totals = train.EpochTotals()
+    assert sums.read(totals) == 1 and totals.skipped_nonfinite == 1 and totals.captions == 2
+
+
+def test_skipped_images_are_in_the_epoch_line():
+    row = {"epoch": 3, "loss": 1.0, "val_loss": 1.0, "acc": 0.5, "val_acc": 0.5, "lr": 1e-3,
+           "seconds": 2.0, "captions_per_s": 10.0, "skipped_images": 2, "skipped_nonfinite": 0,
+           **{f"bleu{n}": 0.1 for n in range(1, 5)}}
+    assert run_logging.epoch_line(row, 9).endswith("skipped 2 corrupt image(s)")
+    assert "skipped" not in run_logging.epoch_line(dict(row, skipped_images=0), 9)
+
+
+def test_wandb_that_hangs_at_start_up_is_dropped_after_its_timeout(monkeypatch, caplog):
+    import threading
+
+    import wandb
+
+    release = threading.Event()
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: release.wait(60))
+    monkeypatch.setattr(run_logging, "wandb_mode", lambda mode: "online")  # auto would pick online
+    start = time.monotonic()
+    try:
+        assert run_logging.start_wandb("auto", {}, timeout=0.3) is None
+    finally:
+        release.set()
+    assert time.monotonic() - start < 5
+    assert "did not start within 0.3 s" in caplog.text
+
+
+def test_threads_flag_sets_the_thread_count(dataset, feature_dir, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        assert train.run_training(*configs(dataset, tmp_path, features_dir=str(feature_dir),
+                                           threads=2)) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
