@@ -38,10 +38,9 @@ import data_utils
 import decoding
 from devices import Dist, autocast, init_distributed, resolve_amp, resolve_device, to_device, unwrap
 import extract
-import fileio
 from metrics import corpus_bleu
 import model as model_lib
-import plots
+from run_files import protect_earlier_run, resolve_resume, save_epoch_files
 from run_logging import RunLoggers, epoch_line, progress
 from text import Vocabulary
 
@@ -80,9 +79,6 @@ DEMO_PRESET: dict[str, Any] = {
     "min_word_freq": 1,
     "resume": "auto",
 }
-# What a training run writes; a new run refuses to start over them (see protect_earlier_run).
-RUN_FILES = ("last.pt", "best.pt", "history.json")
-GRAPH_FILES = ("loss.png", "bleu.png")
 
 
 # ---------------------------------------------------------------- demo preset
@@ -512,69 +508,6 @@ def _broadcast(metrics: Validation | None, d: Dist) -> Validation:
     dist.broadcast_object_list(box, src=0)
     loss, acc, bleu = box[0]
     return metrics if metrics is not None else Validation(loss, acc, bleu, [])
-
-
-# ---------------------------------------------------------------- files of a run
-
-def resolve_resume(resume: str | None, weights_dir: Path) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "auto":
-        path = weights_dir / "last.pt"
-        if not path.exists():
-            logger.info("--resume auto: no %s yet, starting a new run", path)
-            return None
-        return path
-    path = Path(resume)
-    if not path.exists():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
-    return path
-
-
-def earlier_run_files(cfg: TrainConfig) -> list[Path]:
-    """Files of an earlier run that a new run in these folders would replace."""
-    weights_dir, graphs_dir = Path(cfg.weights_dir), Path(cfg.graphs_dir)
-    found = [weights_dir / n for n in RUN_FILES] + sorted(weights_dir.glob("epoch_*.pt"))
-    found += [graphs_dir / n for n in GRAPH_FILES]
-    return [p for p in found if p.exists()]
-
-
-def protect_earlier_run(cfg: TrainConfig, d: Dist) -> None:
-    """A new run never silently replaces an earlier one: refuse, or (--overwrite) remove it."""
-    found = earlier_run_files(cfg)
-    if found and not cfg.overwrite:
-        where = "--weights_dir NEW" + (" / --graphs_dir NEW" if any(p.suffix == ".png" for p in found) else "")
-        raise ValueError(f"{found[0]} holds an earlier training run; pass --resume auto to continue "
-                         f"it, {where} for another run, or --overwrite to replace it")
-    if not cfg.overwrite:
-        return
-    if d.is_main and found:
-        logger.warning("--overwrite: removing the earlier run's %s", ", ".join(str(p) for p in found))
-        for p in found:
-            p.unlink(missing_ok=True)
-    d.barrier()
-
-
-def prune_periodic(weights_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` epoch_NNN.pt files (0 keeps all)."""
-    if keep_last <= 0:
-        return
-    files = sorted(weights_dir.glob("epoch_*.pt"))
-    for old in files[:-keep_last]:
-        old.unlink(missing_ok=True)
-
-
-def save_epoch_files(snapshot: dict, history: list[dict], cfg: TrainConfig, *, improved: bool) -> None:
-    """last.pt (always), best.pt (on a new best), epoch_NNN.pt (--save_every), history, graphs."""
-    weights_dir, epoch = Path(cfg.weights_dir), snapshot["epoch"]
-    ckpt_lib.save_checkpoint(weights_dir / "last.pt", snapshot)
-    if improved:
-        ckpt_lib.save_checkpoint(weights_dir / "best.pt", snapshot)
-    if cfg.save_every and epoch % cfg.save_every == 0:
-        ckpt_lib.save_checkpoint(weights_dir / f"epoch_{epoch:03d}.pt", snapshot)
-        prune_periodic(weights_dir, cfg.keep_last)
-    fileio.write_json(weights_dir / "history.json", history)
-    plots.plot_history(history, cfg.graphs_dir)
 
 
 # ---------------------------------------------------------------- the run
