@@ -118,13 +118,16 @@ def _type_kwargs(hint) -> dict:
     return {"type": hint}
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per field of `cls`, absent from the namespace unless given."""
+def _add_config_flags(parser: argparse.ArgumentParser, cls, taken: set[str]) -> None:
+    """One flag per field of `cls`, absent from the namespace unless given.
+
+    A field name that an earlier config already has keeps that one flag, which sets both."""
     group = parser.add_argument_group(CONFIGS[cls], f"{cls.__name__} in config.py")
     comments, hints = _field_comments(cls), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in NO_FLAG or f.default is dataclasses.MISSING:
+        if f.name in NO_FLAG or f.name in taken or f.default is dataclasses.MISSING:
             continue
+        taken.add(f.name)
         text = HELP.get(f.name) or re.sub(r"\bNone\b", "unset", comments.get(f.name, ""))
         kwargs = {**_type_kwargs(hints[f.name]), "default": argparse.SUPPRESS,
                   "help": f"{text} [{_shown(f.default)}]".replace("%", "%%").strip()}
@@ -174,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="logging verbosity, on stderr [info]")
     parser.add_argument("--dry_run", action="store_true",
                         help="train mode: check the data, build the vocabulary, print a JSON summary and exit")
+    taken: set[str] = set()
     for cls in CONFIGS:
-        _add_config_flags(parser, cls)
+        _add_config_flags(parser, cls, taken)
     _add_infer_flags(parser)
     return parser
 
@@ -183,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- configs
 
 def given(args: argparse.Namespace) -> dict:
-    """The config fields the user gave on the command line, with their values."""
+    """The config fields the user gave on the command line, with their values (lists as tuples)."""
     names = {f.name for cls in CONFIGS for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names}
 
 
 def _config(cls, args: argparse.Namespace, preset: dict | None = None, **overrides):
@@ -236,10 +240,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    import train
-
     cfgs = build_configs(args)
-    return train.run_extract(cfgs.data, cfgs.model, cfgs.train)
+    import extract
+
+    return extract.run_extract(cfgs.data, cfgs.model, cfgs.train)
 
 
 def _test(args: argparse.Namespace) -> int:
@@ -282,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         return DISPATCH[args.mode](args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+    except (ValueError, OSError) as exc:  # bad input, or a file that cannot be read or written
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
