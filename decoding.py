@@ -99,11 +99,12 @@ def _start(model: CaptionModel, feats: Tensor, sos_id: int) -> tuple[AttentionDe
     """feats (N,P,C) or images (N,3,H,W) -> the decoder and one hypothesis per image at <sos>."""
     decoder = model.decoder
     feats, enc_proj, h, c = decoder.prepare(model.features(feats))  # (N,P,D), (N,P,A), (Y,N,H)
-    N, P = enc_proj.size(0), enc_proj.size(1)
-    words = torch.full((N, 1), sos_id, dtype=torch.long, device=enc_proj.device)  # (N, 1)
-    return decoder, _Running(live=torch.arange(N, device=enc_proj.device), feats=feats, enc_proj=enc_proj,
+    N, P, dev = enc_proj.size(0), enc_proj.size(1), enc_proj.device
+    words = torch.full((N, 1), sos_id, dtype=torch.long, device=dev)  # (N, 1)
+    # Scores and attention maps in float32 even under autocast: summed log-probabilities rank beams.
+    return decoder, _Running(live=torch.arange(N, device=dev), feats=feats, enc_proj=enc_proj,
                              h=h.unsqueeze(2), c=c.unsqueeze(2), words=words, history=words.new_zeros(N, 1, 0),
-                             alphas=enc_proj.new_zeros(N, 1, 0, P), scores=enc_proj.new_zeros(N, 1))
+                             alphas=torch.zeros(N, 1, 0, P, device=dev), scores=torch.zeros(N, 1, device=dev))
 
 
 def _step(decoder: AttentionDecoder, run: _Running, table: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -216,3 +216,14 @@ def test_caption_loader_decodes_each_image_once_in_loader_order_and_counts_skipp
     for caption, tokens, score in zip(captions, whole.tokens, whole.scores):
         assert caption.words == [f"w{i}" for i in tokens] and caption.score == pytest.approx(score, abs=1e-5)
         assert caption.alphas.dtype == torch.float32 and caption.alphas.shape == (len(tokens), 9)
+
+
+def test_decoding_runs_under_autocast_with_float32_scores():
+    model = lively(features_model())
+    feats = random_feats(3)
+    cfg = M.DecodeConfig(beam_size=3, max_len=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [D.beam_search(model, feats, cfg=cfg, **IDS), D.greedy_decode(model, feats, cfg=cfg, **IDS)]
+    for out in outs:
+        check_decoded(out, 3, 8)
+        assert all(a.dtype == torch.float32 for a in out.alphas)
