@@ -72,6 +72,17 @@ def test_folder_gives_one_line_per_image_and_json(ckpt, photos, capsys, tmp_path
     assert [r["caption"] for r in rows[:3]] == [line.split("\t")[1] for line in lines]
 
 
+def test_batch_size_and_threads_given_are_used(ckpt, photos, monkeypatch, capsys):
+    batches = []
+    real_decode = decoding.decode
+    monkeypatch.setattr(decoding, "decode", lambda m, feats, **kw: batches.append(feats.shape[0])
+                        or real_decode(m, feats, **kw))
+    rc, out, err = run_cli(["--mode", "test", "--image_path", str(photos), "--checkpoint", str(ckpt),
+                            "--batch_size", "2", "--threads", "2"], capsys)
+    assert rc == 0, err
+    assert batches == [2, 1] and torch.get_num_threads() == 2  # the autouse fixture puts 1 back
+
+
 def test_model_loaded_once_and_images_batched(ckpt, photos, monkeypatch):
     loads, batches = [], []
     real_load, real_decode = checkpoint.load_checkpoint, decoding.decode
@@ -160,6 +171,9 @@ def _incompatible_checkpoint(ckpt, tmp_path):
     ("incompatible_checkpoint", "do not fit"),
     ("features_checkpoint", "no image encoder"),
     ("output_not_json", "expected a file name ending in .json"),
+    ("output_folder", "is a folder"),
+    ("no_gpu", "no CUDA GPU is visible"),
+    ("batch_size_0", "--batch_size must be at least 1, got 0"),
 ])
 def test_bad_input_is_one_line_error_exit_2(case, expected, ckpt, photos, tmp_path, capsys, tmp_path_factory):
     image, checkpoint_path, extra = str(photos / "red1.jpg"), str(ckpt), []
@@ -185,6 +199,13 @@ def test_bad_input_is_one_line_error_exit_2(case, expected, ckpt, photos, tmp_pa
         checkpoint_path = str(hi.features_checkpoint(tmp_path_factory.getbasetemp()))
     elif case == "output_not_json":
         extra = ["--output", str(tmp_path / "captions.txt")]
+    elif case == "output_folder":
+        (tmp_path / "out.json").mkdir()
+        extra = ["--output", str(tmp_path / "out.json")]
+    elif case == "no_gpu":
+        extra = ["--device", "cuda"]
+    elif case == "batch_size_0":
+        extra = ["--batch_size", "0"]
     rc, out, err = run_cli(["--mode", "test", "--image_path", image, "--checkpoint", checkpoint_path, *extra],
                            capsys)
     assert rc == 2
