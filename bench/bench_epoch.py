@@ -30,8 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from config import AMP_MODES, DecodeConfig  # noqa: E402
 import data_utils  # noqa: E402
 import decoding  # noqa: E402
+import devices  # noqa: E402
+import features  # noqa: E402
 import model as model_lib  # noqa: E402
 import train  # noqa: E402
 
@@ -62,7 +65,7 @@ def write_synthetic_features(directory: Path, names: list[str], positions: int, 
             yield np.abs(rng.standard_normal((n, positions, channels), dtype=np.float32)).astype(np.float16)
 
     t = time.perf_counter()
-    data_utils.write_features(directory, names, batches(), positions, channels, {"synthetic": True})
+    features.write_features(directory, names, batches(), positions, channels, {"synthetic": True})
     return time.perf_counter() - t
 
 
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="images greedy-decoded to time validation (Flickr8k has 1,000; extrapolated)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    ap.add_argument("--amp", default="auto", choices=train.AMP_MODES)
+    ap.add_argument("--amp", default="auto", choices=AMP_MODES)
     ap.add_argument("--num_workers", type=int, default=0)
     ap.add_argument("--dir", default=None, help="where to write the features (default: a temp folder, removed)")
     ap.add_argument("--keep", action="store_true", help="keep the features folder")
@@ -105,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    device = train.resolve_device(args.device)
-    amp_dtype = train.resolve_amp(args.amp, device)
+    device = devices.resolve_device(args.device)
+    amp_dtype = devices.resolve_amp(args.amp, device)
 
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_epoch_"))
     feats_dir = root / "features"
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         model = model_lib.build_model(model_cfg).to(device)
         cfg = train.TrainConfig(batch_size=args.batch_size, wandb="disabled")
         optimizer = train.make_optimizer(model, model_cfg, cfg)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        scaler = train.make_scaler(device, amp_dtype)
         dataset = data_utils.CaptionDataset(records, vocab, features=store)
         sampler = train.ResumableSampler(len(dataset), seed=0)
         steps_per_epoch = len(sampler) // args.batch_size + bool(len(sampler) % args.batch_size)
@@ -144,17 +147,17 @@ def main(argv: list[str] | None = None) -> int:
         val_loader = data_utils.make_loader(data_utils.ImageDataset(records[:val_n], features=store),
                                             args.batch_size, num_workers=args.num_workers)
         model.eval()
-        # Twice: the first pass of a process also compiles the fused attention energies (once; what
+        # Twice: the first pass of a process also pays one-time costs (allocator warm-up; what
         # every later validation costs is the second pass).
         val_passes = []
         for _ in range(2):
             t = time.perf_counter()
             decoded = 0
             for batch in val_loader:
-                with train.autocast(device, amp_dtype):
-                    out = decoding.greedy_decode(model, batch.features.to(device), sos_id=vocab.sos_id,
+                with devices.autocast(device, amp_dtype):
+                    out = decoding.greedy_decode(model, devices.to_device(batch.inputs, device), sos_id=vocab.sos_id,
                                                   eos_id=vocab.eos_id, unk_id=vocab.unk_id,
-                                                  cfg=model_lib.DecodeConfig(beam_size=1, max_len=35))
+                                                  cfg=DecodeConfig(beam_size=1, max_len=35))
                 decoded += len(out.tokens)
             val_passes.append(time.perf_counter() - t)
         first_val_s, val_s = val_passes
