@@ -3,6 +3,7 @@ every flag validated in every mode, the demo preset only where the user gave not
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -172,3 +173,12 @@ def test_eval_bad_input_is_one_line_error(extra, message, ckpt, kaggle_set, tmp_
     rc, out, err = run_cli(argv, capsys)
     assert rc == 2 and message in one_error_line(err)
     assert not (tmp_path / "graphs").exists()
+
+
+def test_dry_run_prints_the_data_summary_and_trains_nothing(kaggle_set, capsys, monkeypatch):
+    monkeypatch.setattr(train, "run_training", lambda *a, **k: pytest.fail("--dry_run trained"))
+    rc, out, err = run_cli(["--mode", "train", "--dry_run", "--dataset_path", str(kaggle_set),
+                            "--split_sizes", "4", "1", "--min_word_freq", "1"], capsys)
+    assert rc == 0, err
+    summary = json.loads(out)
+    assert summary["layout"] == "kaggle" and summary["images"] == {"train": 4, "val": 1, "test": 1}
