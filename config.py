@@ -198,3 +198,16 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.lr_factor < 1:
             raise ValueError(f"--lr_factor must be between 0 and 1, got {self.lr_factor}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"               # address the page listens on; 127.0.0.1 keeps it on this machine
+    port: int = 7860                      # TCP port of the page and its JSON API
+    max_upload_mb: int = 20               # larger uploads get HTTP 413 (a large phone photo is 5-12 MB)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port {self.port} is not a TCP port (0-65535)")
+        if self.max_upload_mb < 1:
+            raise ValueError(f"--max_upload_mb must be >= 1, got {self.max_upload_mb}")

@@ -29,12 +29,12 @@ import data_utils
 import decoding
 import plots
 import test
-from config import DecodeConfig
+from config import DecodeConfig, ServeConfig
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a large phone photo is 5-12 MB
+DEFAULT_HOST, DEFAULT_PORT = ServeConfig.host, ServeConfig.port
+MAX_UPLOAD_BYTES = ServeConfig.max_upload_mb * 1024 * 1024
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
 
 
