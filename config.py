@@ -19,6 +19,8 @@ OPTIMIZERS = ("adamw", "adam")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+OBJECTIVES = ("xe", "scst")
+SCST_BASELINES = ("mean", "greedy")
 
 
 def _choice(name: str, value, choices) -> None:
@@ -179,9 +181,21 @@ class TrainConfig:
     resume: str | None = None           # checkpoint path, or "auto" for <weights_dir>/last.pt
     overwrite: bool = False             # a new run may replace an earlier run's files (else: refused)
     num_samples: int = 4                # validation captions shown per epoch (wandb/TensorBoard)
+    objective: str = "xe"               # xe: cross-entropy (teacher forcing); scst: self-critical, CIDEr-D reward
+    init_from: str | None = None        # start from this checkpoint's weights and vocabulary (fresh optimizer)
+    scst_samples: int = 5               # scst: captions sampled per image
+    scst_baseline: str = "mean"         # scst: mean reward of the image's other samples, or the greedy caption's
+    scst_temperature: float = 1.0       # scst: sampling temperature
 
     def __post_init__(self):
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("objective", self.objective, OBJECTIVES)
+        _choice("scst_baseline", self.scst_baseline, SCST_BASELINES)
+        if self.scst_samples < 1 or (self.scst_baseline == "mean" and self.scst_samples < 2):
+            raise ValueError(f"--scst_samples must be at least 1 (2 with --scst_baseline mean: the "
+                             f"baseline is the other samples' mean), got {self.scst_samples}")
+        if not self.scst_temperature > 0:
+            raise ValueError(f"--scst_temperature must be > 0, got {self.scst_temperature}")
         _choice("amp", self.amp, AMP_MODES)
         _choice("device", self.device, DEVICES)
         _choice("wandb", self.wandb, WANDB_MODES)
