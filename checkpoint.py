@@ -6,6 +6,7 @@ A checkpoint is a dict of state dicts and plain data (see ARCHITECTURE.md), load
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import pickle
@@ -16,10 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+import fileio
+import hub
+import model as model_lib
 from config import ModelConfig
 from text import Vocabulary
-import fileio
-import model as model_lib
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,20 @@ REQUIRED_KEYS = ("format", "model_config", "vocab", "model")
 # Model config fields that only decide how weights are initialised; the saved state dict overrides
 # them, so a checkpoint trained from ImageNet weights resumes fine without those weights on disk.
 INIT_ONLY_FIELDS = ("pretrained", "encoder_weights")
+
+# An exported model folder (export.py writes it; config.json last, so a folder without it is an
+# interrupted export).
+FOLDER_FORMAT = "captioner-folder"
+FORMAT_VERSION = 1
+WEIGHTS_FILE, VOCAB_FILE, CONFIG_FILE, CARD_FILE = "model.safetensors", "vocab.json", "config.json", "README.md"
+FILES = (WEIGHTS_FILE, VOCAB_FILE, CONFIG_FILE, CARD_FILE)
+
+
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """True for a folder meant to be an exported model (it has a config.json or model.safetensors)."""
+    p = Path(path)
+    return p.is_dir() and ((p / CONFIG_FILE).exists() or (p / WEIGHTS_FILE).exists())
+
 
 
 # ---------------------------------------------------------------- files
@@ -62,17 +78,24 @@ def _load_error(path: Path, exc: Exception) -> ValueError:
                       f"checkpoint): {reason[:200]}")
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint safely (`weights_only=True`).
+def load_checkpoint(source: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """The one loader: a `.pt` checkpoint, an exported model folder, or `hf://REPO_ID[@REVISION]`.
 
-    Raises FileNotFoundError when `path` does not exist, ValueError with a one-line reason naming
-    the path when it is a folder, truncated, corrupt, holds code, or is of another format.
+    All three give the same dict (format, model_config, vocab, model, ...). A Hub model is downloaded
+    once into the Hugging Face cache and read from there (HF_HUB_OFFLINE=1 is honoured).
+    Raises FileNotFoundError when the source does not exist, ValueError with a one-line reason.
     """
-    path = Path(path)
+    if hub.is_hub_ref(source):
+        return {**read_model_folder(hub.resolve(str(source))), "source": str(source)}
+    if Path(source).is_dir():
+        return read_model_folder(source)
+    return _load_pt(Path(source), map_location)
+
+
+def _load_pt(path: Path, map_location: Any) -> dict:
+    """A `.pt` checkpoint through torch.load(weights_only=True): a file that holds code is refused."""
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise ValueError(f"checkpoint {path} is a folder, expected a .pt file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... by case
@@ -86,6 +109,59 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     if missing:
         raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}")
     return ckpt
+
+
+# ---------------------------------------------------------------- exported model folders
+
+def _read_json(folder: Path, name: str):
+    path = folder / name
+    if not path.is_file():
+        raise ValueError(f"model folder {folder} lacks {name} (an export has {', '.join(FILES[:3])})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+
+
+def read_model_folder(folder: str | os.PathLike) -> dict:
+    """Load an exported folder as a checkpoint dict (format, model_config, vocab, model, features, ...).
+
+    Raises FileNotFoundError when the folder does not exist, ValueError with a one-line reason for
+    a missing file, bad JSON, another format or an unknown format version, or unreadable tensors.
+    Tensors that do not fit the config are refused when the model is rebuilt
+    (`model_from_checkpoint`).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    config = _read_json(folder, CONFIG_FILE)
+    if not isinstance(config, dict) or config.get("format") != FOLDER_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{folder / CONFIG_FILE} has format {found!r}, expected {FOLDER_FORMAT!r}")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{folder / CONFIG_FILE} has format_version {config.get('format_version')!r}; "
+                         f"this version reads {FORMAT_VERSION} (update the toolkit or re-export)")
+    if not isinstance(config.get("model_config"), dict):
+        raise ValueError(f"{folder / CONFIG_FILE} lacks a model_config object")
+    vocab = _read_json(folder, VOCAB_FILE)
+    if not isinstance(vocab, list) or not all(isinstance(w, str) for w in vocab):
+        raise ValueError(f"{folder / VOCAB_FILE} must be a JSON list of words")
+    state = _read_weights(folder / WEIGHTS_FILE)
+    return {"format": FORMAT, "model_config": config["model_config"], "vocab": vocab,
+            "model": state, "features": config.get("features"), "decoding": config.get("decoding"),
+            "epoch": config.get("epoch"), "data_config": config.get("data_config"), "source": str(folder)}
+
+
+def _read_weights(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"model folder {path.parent} lacks {path.name} (an export has {', '.join(FILES[:3])})")
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises SafetensorError, OSError, ... by case
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path} cannot be read (truncated or not safetensors): {reason[:200]}") from None
 
 
 # ---------------------------------------------------------------- contents

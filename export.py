@@ -9,7 +9,7 @@ training outputs:
 - `README.md`: a model card (architecture, training data and split, metrics, how to caption, licence).
 
 `config.json` is written last: a folder without it is an interrupted export and is refused on load.
-`read_model_folder` returns the same dict shape as `checkpoint.load_checkpoint` does for a `.pt`.
+`checkpoint.read_model_folder` returns the same dict shape as `checkpoint.load_checkpoint` does for a `.pt`.
 """
 from __future__ import annotations
 
@@ -26,18 +26,6 @@ from config import DecodeConfig, ModelConfig
 from model import image_transform
 
 logger = logging.getLogger(__name__)
-
-FOLDER_FORMAT = "captioner-folder"
-FORMAT_VERSION = 1
-WEIGHTS_FILE, VOCAB_FILE, CONFIG_FILE, CARD_FILE = "model.safetensors", "vocab.json", "config.json", "README.md"
-FILES = (WEIGHTS_FILE, VOCAB_FILE, CONFIG_FILE, CARD_FILE)
-
-
-def is_model_folder(path: str | os.PathLike) -> bool:
-    """True for a folder meant to be an exported model (it has a config.json or model.safetensors)."""
-    p = Path(path)
-    return p.is_dir() and ((p / CONFIG_FILE).exists() or (p / WEIGHTS_FILE).exists())
-
 
 # ---------------------------------------------------------------------------- writing
 
@@ -69,11 +57,11 @@ def export_model(ckpt: dict, out_dir: str | os.PathLike, *, eval_metrics: dict[s
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     data = safetensors_bytes(tensors, metadata={"format": "pt"})
     out.mkdir(parents=True, exist_ok=True)
-    fileio.atomic_write(out / WEIGHTS_FILE, lambda f: f.write(data))
-    fileio.write_json(out / VOCAB_FILE, list(ckpt["vocab"]))
+    fileio.atomic_write(out / checkpoint.WEIGHTS_FILE, lambda f: f.write(data))
+    fileio.write_json(out / checkpoint.VOCAB_FILE, list(ckpt["vocab"]))
     card = model_card(config, ckpt, eval_metrics or {}, out.name, source)
-    fileio.atomic_write(out / CARD_FILE, lambda f: f.write(card.encode("utf-8")))
-    fileio.write_json(out / CONFIG_FILE, config)
+    fileio.atomic_write(out / checkpoint.CARD_FILE, lambda f: f.write(card.encode("utf-8")))
+    fileio.write_json(out / checkpoint.CONFIG_FILE, config)
     logger.info("exported %s to %s", source or "checkpoint", out)
     return out
 
@@ -83,7 +71,7 @@ def folder_config(ckpt: dict, model_cfg: ModelConfig, decode_cfg: DecodeConfig) 
     features = ckpt.get("features")
     needs = "features" if model_cfg.encoder == "features" else "images"
     preprocessing = describe_transform(model_cfg) if needs == "images" else None
-    return {"format": FOLDER_FORMAT, "format_version": FORMAT_VERSION, "input": needs,
+    return {"format": checkpoint.FOLDER_FORMAT, "format_version": checkpoint.FORMAT_VERSION, "input": needs,
             "model_config": dataclasses.asdict(model_cfg), "preprocessing": preprocessing,
             "decoding": dataclasses.asdict(decode_cfg),
             "features": features if isinstance(features, dict) else None,
@@ -184,66 +172,13 @@ def model_card(config: dict, ckpt: dict, eval_metrics: dict[str, dict], name: st
              "## Training data", *_data_lines(ckpt), "",
              "## Metrics", *_metric_lines(eval_metrics), "",
              "## How to caption with it", *usage, "",
-             f"Files: `{WEIGHTS_FILE}` (tensors), `{VOCAB_FILE}`, `{CONFIG_FILE}` (model config, preprocessing, "
-             f"default decoding, format version {FORMAT_VERSION}).", "",
+             f"Files: `{checkpoint.WEIGHTS_FILE}` (tensors), `{checkpoint.VOCAB_FILE}`, `{checkpoint.CONFIG_FILE}` (model config, preprocessing, "
+             f"default decoding, format version {checkpoint.FORMAT_VERSION}).", "",
              "## Licence note",
              "The Flickr8k photos and captions are for research use only (see the data set's terms); "
              "they are not part of this folder, but the weights were learnt from them. Check the terms of "
              "your training data before using this model beyond research.", ""]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------- reading
-
-def _read_json(folder: Path, name: str):
-    path = folder / name
-    if not path.is_file():
-        raise ValueError(f"model folder {folder} lacks {name} (an export has {', '.join(FILES[:3])})")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
-
-
-def read_model_folder(folder: str | os.PathLike) -> dict:
-    """Load an exported folder as a checkpoint dict (format, model_config, vocab, model, features, ...).
-
-    Raises FileNotFoundError when the folder does not exist, ValueError with a one-line reason for
-    a missing file, bad JSON, another format or an unknown format version, or unreadable tensors.
-    Tensors that do not fit the config are refused when the model is rebuilt
-    (`checkpoint.model_from_checkpoint`).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model folder {folder} does not exist")
-    config = _read_json(folder, CONFIG_FILE)
-    if not isinstance(config, dict) or config.get("format") != FOLDER_FORMAT:
-        found = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"{folder / CONFIG_FILE} has format {found!r}, expected {FOLDER_FORMAT!r}")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{folder / CONFIG_FILE} has format_version {config.get('format_version')!r}; "
-                         f"this version reads {FORMAT_VERSION} (update the toolkit or re-export)")
-    if not isinstance(config.get("model_config"), dict):
-        raise ValueError(f"{folder / CONFIG_FILE} lacks a model_config object")
-    vocab = _read_json(folder, VOCAB_FILE)
-    if not isinstance(vocab, list) or not all(isinstance(w, str) for w in vocab):
-        raise ValueError(f"{folder / VOCAB_FILE} must be a JSON list of words")
-    state = _read_weights(folder / WEIGHTS_FILE)
-    return {"format": checkpoint.FORMAT, "model_config": config["model_config"], "vocab": vocab,
-            "model": state, "features": config.get("features"), "decoding": config.get("decoding"),
-            "epoch": config.get("epoch"), "data_config": config.get("data_config"), "source": str(folder)}
-
-
-def _read_weights(path: Path) -> dict:
-    if not path.is_file():
-        raise ValueError(f"model folder {path.parent} lacks {path.name} (an export has {', '.join(FILES[:3])})")
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:  # safetensors raises SafetensorError, OSError, ... by case
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path} cannot be read (truncated or not safetensors): {reason[:200]}") from None
 
 
 def decode_config_from(ckpt: dict, fallback: DecodeConfig | None = None) -> DecodeConfig:
@@ -268,7 +203,7 @@ def run_export(checkpoint_path: str | os.PathLike, output: str | os.PathLike, *,
                        overwrite=overwrite, source=str(checkpoint_path))
     print(f"exported {checkpoint_path} to {out}")
     if push_to_hub:
-        read_model_folder(out)  # publish only a folder that loads
+        checkpoint.read_model_folder(out)  # publish only a folder that loads
         url = hub.push_folder(out, push_to_hub, private=private)
         print(f"uploaded {out} to {url}")
     return out

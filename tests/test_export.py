@@ -42,9 +42,9 @@ def _caption(ckpt: dict) -> tuple[list[int], float]:
 
 
 def test_the_folder_has_the_four_files_and_loads_to_the_same_model(tiny_pt, folder):
-    assert sorted(p.name for p in folder.iterdir()) == sorted(export.FILES)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(checkpoint.FILES)
     original = checkpoint.load_checkpoint(tiny_pt)
-    loaded = export.read_model_folder(folder)
+    loaded = checkpoint.read_model_folder(folder)
     for key in checkpoint.REQUIRED_KEYS:
         assert key in loaded
     assert loaded["vocab"] == original["vocab"]
@@ -55,7 +55,7 @@ def test_the_folder_has_the_four_files_and_loads_to_the_same_model(tiny_pt, fold
     assert _caption(loaded) == _caption(original)
     assert export.decode_config_from(loaded) == DecodeConfig(beam_size=3)
     config = json.loads((folder / "config.json").read_text())
-    assert config["format_version"] == export.FORMAT_VERSION and config["input"] == "images"
+    assert config["format_version"] == checkpoint.FORMAT_VERSION and config["input"] == "images"
     assert [s["op"] for s in config["preprocessing"]] == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
 
 
@@ -83,7 +83,7 @@ def test_a_features_model_exports_and_says_it_needs_features(tmp_path_factory, t
     out = export.export_model(ckpt, tmp_path / "feat")
     card = (out / "README.md").read_text()
     assert "precomputed features, not photos" in card and "--features_dir" in card
-    loaded = export.read_model_folder(out)
+    loaded = checkpoint.read_model_folder(out)
     assert loaded["features"]["key"] == "tiny"
     assert json.loads((out / "config.json").read_text())["input"] == "features"
 
@@ -124,7 +124,7 @@ def test_a_damaged_folder_gives_a_one_line_error(folder, tmp_path, damage, messa
     d = _copy(folder, tmp_path / "damaged")
     damage(d)
     with pytest.raises(ValueError, match=message) as info:
-        export.read_model_folder(d)
+        checkpoint.read_model_folder(d)
     assert "\n" not in str(info.value)
 
 
@@ -138,7 +138,7 @@ def test_tensors_that_do_not_fit_the_config_give_a_one_line_error(folder, tmp_pa
     d = _copy(folder, tmp_path / "misfit")
     _edit_config(d, model_config={**json.loads((d / "config.json").read_text())["model_config"],
                                   "decoder_dim": 48})
-    ckpt = export.read_model_folder(d)
+    ckpt = checkpoint.read_model_folder(d)
     with pytest.raises(ValueError, match="do not fit its model config") as info:
         checkpoint.model_from_checkpoint(ckpt)
     assert "\n" not in str(info.value)
@@ -146,7 +146,7 @@ def test_tensors_that_do_not_fit_the_config_give_a_one_line_error(folder, tmp_pa
 
 def test_a_missing_folder_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        export.read_model_folder(tmp_path / "nowhere")
+        checkpoint.read_model_folder(tmp_path / "nowhere")
 
 
 # ------------------------------------------------------------------------ the Hub
@@ -175,8 +175,8 @@ def test_hf_refs_resolve_from_the_cache_offline(folder, tmp_path, monkeypatch):
                 "hf://someone/tiny-captioner@main"):
         resolved = hub.resolve(ref, cache_dir=tmp_path / "hub")
         assert resolved == snap
-    ckpt = export.read_model_folder(resolved)
-    assert _caption(ckpt) == _caption(export.read_model_folder(folder))
+    ckpt = checkpoint.read_model_folder(resolved)
+    assert _caption(ckpt) == _caption(checkpoint.read_model_folder(folder))
 
 
 @pytest.mark.parametrize("ref, message", [
@@ -265,4 +265,4 @@ def test_run_export_writes_the_folder_first_so_a_failed_upload_loses_nothing(tin
     monkeypatch.setattr(HfApi, "upload_folder", offline)
     with pytest.raises(ValueError, match="is intact"):
         export.run_export(tiny_pt, tmp_path / "second", push_to_hub="someone/tiny-captioner")
-    assert export.read_model_folder(tmp_path / "second")["vocab"] == export.read_model_folder(out)["vocab"]
+    assert checkpoint.read_model_folder(tmp_path / "second")["vocab"] == checkpoint.read_model_folder(out)["vocab"]

@@ -40,7 +40,7 @@ def url(tiny_pt, tmp_path_factory):
     """A server for the tiny model, started in this process on a free port; stopped after the module."""
     folder = export.export_model(checkpoint.load_checkpoint(tiny_pt),
                                  tmp_path_factory.mktemp("serve") / "model")
-    captioner = test_mod.load_captioner(export.read_model_folder(folder), "cpu")
+    captioner = test_mod.load_captioner(checkpoint.read_model_folder(folder), "cpu")
     app = serve.create_app(captioner, DecodeConfig(beam_size=3), max_bytes=MAX_BYTES)
     sock = serve.bind("127.0.0.1", 0)
     server = serve.make_server(app, sock)
