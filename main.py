@@ -38,10 +38,12 @@ CHOICES = {
     "amp": config.AMP_MODES,
     "device": config.DEVICES,
     "wandb": config.WANDB_MODES,
+    "objective": config.OBJECTIVES,
+    "scst_baseline": config.SCST_BASELINES,
 }
 METAVARS = {"split_sizes": ("TRAIN", "VAL"), "hf_caption_columns": "NAME", "resume": "PATH|auto",
             "captions_file": "PATH", "images_dir": "DIR", "hf_dataset": "NAME_OR_PATH",
-            "encoder_weights": "PATH", "features_dir": "DIR"}
+            "encoder_weights": "PATH", "features_dir": "DIR", "init_from": "PATH"}
 # Help texts longer than config.py's field comments (no defaults here: they are appended).
 HELP = {
     "dataset_path": "data set folder, layout auto-detected: original Flickr8k (Flickr8k_text/), Kaggle "
@@ -217,9 +219,10 @@ def _checkpoint(args: argparse.Namespace, cfgs: Configs) -> str:
     return args.checkpoint or f"{cfgs.train.weights_dir}/best.pt"
 
 
-def _batch_size(args: argparse.Namespace) -> dict:
-    """Test and eval have their own batch size; one the user gave is used (TrainConfig validated it)."""
-    return {"batch_size": args.batch_size} if "batch_size" in vars(args) else {}
+def _typed(args: argparse.Namespace, *names: str) -> dict:
+    """Test and eval have their own batch size and workers; values the user gave are used
+    (validated by TrainConfig/DataConfig)."""
+    return {name: getattr(args, name) for name in names if name in vars(args)}
 
 
 # ---------------------------------------------------------------- modes
@@ -254,7 +257,7 @@ def _test(args: argparse.Namespace) -> int:
 
     test.run_test(args.image_path, _checkpoint(args, cfgs), cfgs.decode, output=args.output,
                   attention_map=args.attention_map, device=cfgs.train.device,
-                  threads=cfgs.train.threads, **_batch_size(args))
+                  threads=cfgs.train.threads, **_typed(args, "batch_size", "num_workers"))
     return 0
 
 
@@ -266,8 +269,8 @@ def _eval(args: argparse.Namespace) -> int:
     test_eval.run_evaluation(
         _checkpoint(args, cfgs), cfgs.data, cfgs.decode, split=args.split, features_dir=t.features_dir,
         device=t.device, results_dir=args.results_dir, graphs_dir=t.graphs_dir,
-        grid_images=args.grid_images, use_java=args.java, wandb_mode=t.wandb,
-        wandb_project=t.wandb_project, wandb_entity=t.wandb_entity, **_batch_size(args))
+        grid_images=args.grid_images, use_java=args.java, wandb_mode=t.wandb, wandb_project=t.wandb_project,
+        wandb_entity=t.wandb_entity, **_typed(args, "batch_size", "num_workers"))
     return 0
 
 
