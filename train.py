@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -42,6 +43,7 @@ from metrics import corpus_bleu
 import model as model_lib
 from run_files import protect_earlier_run, resolve_resume, save_epoch_files
 from run_logging import RunLoggers, epoch_line, progress
+from seeded_items import SeededItems
 from text import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -687,10 +689,14 @@ def _make_loaders(run: Run) -> None:
                                    shuffle=True, seed=cfg.seed, groups=groups)
     workers = run.data_cfg.num_workers
     # Seeded loader generators: creating an epoch's iterators must not consume the global RNG,
-    # or a run resumed mid-epoch would draw other dropout masks than the uninterrupted one.
+    # or a run resumed mid-epoch would draw other dropout masks than the uninterrupted one; and
+    # SeededItems augments each item alike in whichever worker loads it (see seeded_items.py).
     run.loaders = {
-        "train": data_utils.make_loader(train_set, cfg.batch_size, num_workers=workers,
-                                        sampler=run.sampler, seed=cfg.seed + run.d.rank),
+        "train": data_utils.make_loader(SeededItems(train_set, cfg.seed + run.d.rank), cfg.batch_size,
+                                        num_workers=workers,
+                                        sampler=run.sampler, seed=cfg.seed + run.d.rank,
+                                        collate=functools.partial(data_utils.collate_captions,
+                                                                  pad_id=vocab.pad_id)),
         "val": data_utils.make_loader(data_utils.CaptionDataset(val_records, vocab, **inputs),
                                       cfg.batch_size, num_workers=workers, seed=cfg.seed),
         "val_images": data_utils.make_loader(data_utils.ImageDataset(val_records, **inputs),
@@ -761,6 +767,7 @@ def _epoch(run: Run, epoch: int, stop: StopFlag, loggers: RunLoggers) -> int | N
     d, cfg = run.d, run.cfg
     skip = run.start_step if epoch == run.start_epoch else 0
     run.sampler.set_epoch(epoch)
+    run.loaders["train"].dataset.set_epoch(epoch)
     run.sampler.skip = skip * cfg.batch_size
     totals = run.partial if (skip and run.partial is not None) else EpochTotals(steps=skip)
     try:

@@ -68,12 +68,12 @@ def features_root(tmp_path_factory) -> Path:
 
 
 def configs(dataset: Path, out: Path, features_root: Path | None = None, *, model=None,
-            split_sizes=(16, 4), **train_kw):
+            split_sizes=(16, 4), num_workers=0, **train_kw):
     data_cfg = data_utils.DataConfig(dataset_path=str(dataset), split_sizes=split_sizes, min_word_freq=1,
-                                     num_workers=0)
-    model_cfg = model_lib.ModelConfig(vocab_size=5, encoder="resnet18", pretrained=False, image_size=32,
-                                      encoded_size=2, embed_dim=16, attention_dim=16, decoder_dim=16,
-                                      **(model or {}))
+                                     num_workers=num_workers)
+    model_cfg = model_lib.ModelConfig(**{
+        "vocab_size": 5, "encoder": "resnet18", "pretrained": False, "image_size": 32, "encoded_size": 2,
+        "embed_dim": 16, "attention_dim": 16, "decoder_dim": 16, **(model or {})})
     kw = dict(batch_size=8, epochs=1, weights_dir=str(out / "weights"), graphs_dir=str(out / "graphs"),
               features_root=str(features_root or out / "features"), wandb="disabled")
     kw.update(train_kw)
