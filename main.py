@@ -5,6 +5,8 @@
     python main.py --mode test --image_path photo.jpg    # caption photos
     python main.py --mode eval                           # score the test split
     python main.py --mode extract --dataset_path DIR --features_dir OUT
+    python main.py --mode export --output my-captioner/ [--push_to_hub OWNER/NAME]
+    python main.py --mode serve                          # a local page: http://127.0.0.1:7860/
 
 The flags of the config dataclasses (config.py) are generated from their fields: name, type,
 default and choices come from there, the help from the field's comment unless HELP below has a
@@ -25,10 +27,11 @@ import types
 import typing
 
 import config
-from config import DataConfig, DecodeConfig, ModelConfig, TrainConfig
+from config import DataConfig, DecodeConfig, ModelConfig, ServeConfig, TrainConfig
 
-MODES = ("train", "test", "eval", "extract")
-CONFIGS = {DataConfig: "data", ModelConfig: "model", DecodeConfig: "decoding", TrainConfig: "training"}
+MODES = ("train", "test", "eval", "extract", "export", "serve")
+CONFIGS = {DataConfig: "data", ModelConfig: "model", DecodeConfig: "decoding", TrainConfig: "training",
+           ServeConfig: "serve"}
 # Fields without a flag: set from the vocabulary, the backbone or the features file, or derived.
 NO_FLAG = frozenset({"vocab_size", "feature_dim", "encoder_from_scratch"})
 CHOICES = {
@@ -154,8 +157,10 @@ def _add_infer_flags(parser: argparse.ArgumentParser) -> None:
                    help="test mode: image file(s) or folder(s) to caption")
     g.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="checkpoint to load [<weights_dir>/best.pt]")
-    g.add_argument("--output", default=None, metavar="FILE.json",
-                   help="test mode: write the captions to this .json file instead of printing them")
+    g.add_argument("--output", default=None, metavar="PATH",
+                   help="test mode: write the captions to this .json file instead of printing them; "
+                        "export mode: the folder to write (model.safetensors, config.json, vocab.json, "
+                        "README.md)")
     g.add_argument("--attention_map", nargs="?", const="", default=None, metavar="PATH",
                    help="test mode: save attention figures (photo + one panel per word); the flag alone "
                         "writes graphs/attention_<image>.png, PATH a .png file or a folder")
@@ -165,6 +170,11 @@ def _add_infer_flags(parser: argparse.ArgumentParser) -> None:
                         "[the checkpoint's folder]")
     g.add_argument("--grid_images", type=_count, default=6,
                    help="eval mode: images in the graphs/eval_<split>_grid.png picture [6]")
+    g.add_argument("--push_to_hub", default=None, metavar="OWNER/NAME",
+                   help="export mode: then upload the folder to this Hugging Face model repository "
+                        "(token from `hf auth login` or HF_TOKEN)")
+    g.add_argument("--private", action=argparse.BooleanOptionalAction, default=False,
+                   help="export mode, with --push_to_hub: create the repository as private [off]")
     g.add_argument("--java", action=argparse.BooleanOptionalAction, default=None,
                    help="eval mode: PTB tokenizer and METEOR in Java; --no-java uses the Python "
                         "tokenisation, no METEOR [when Java is installed]")
@@ -207,12 +217,14 @@ class Configs:
     model: ModelConfig
     decode: DecodeConfig
     train: TrainConfig
+    serve: ServeConfig
 
 
 def build_configs(args: argparse.Namespace, preset: dict | None = None) -> Configs:
     """Every config, in every mode: a bad value is refused even where the mode does not use it."""
     return Configs(_config(DataConfig, args, preset), _config(ModelConfig, args, preset, vocab_size=VOCAB_PLACEHOLDER),
-                   _config(DecodeConfig, args, preset), _config(TrainConfig, args, preset))
+                   _config(DecodeConfig, args, preset), _config(TrainConfig, args, preset),
+                   _config(ServeConfig, args, preset))
 
 
 def _checkpoint(args: argparse.Namespace, cfgs: Configs) -> str:
@@ -274,7 +286,34 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-DISPATCH = {"train": _train, "test": _test, "eval": _eval, "extract": _extract}
+def _export(args: argparse.Namespace) -> int:
+    cfgs = build_configs(args)
+    if not args.output:
+        raise ValueError("--mode export needs --output FOLDER (where the model folder is written)")
+    import export
+
+    export.run_export(_checkpoint(args, cfgs), args.output, push_to_hub=args.push_to_hub,
+                      private=args.private, overwrite=cfgs.train.overwrite,
+                      decode_cfg=cfgs.decode if _typed_any(args, DecodeConfig) else None)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    cfgs = build_configs(args)
+    import serve
+
+    return serve.run_serve(_checkpoint(args, cfgs), host=cfgs.serve.host, port=cfgs.serve.port,
+                           decode_cfg=cfgs.decode, device=cfgs.train.device,
+                           max_bytes=cfgs.serve.max_upload_mb * 1024 * 1024)
+
+
+def _typed_any(args: argparse.Namespace, cls) -> bool:
+    """Whether the user gave any flag of `cls` (an export keeps the checkpoint's own defaults otherwise)."""
+    return any(f.name in given(args) for f in dataclasses.fields(cls))
+
+
+DISPATCH = {"train": _train, "test": _test, "eval": _eval, "extract": _extract, "export": _export,
+            "serve": _serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import decoding
 import export
 import helpers_infer as hi
 import hub
+import main
 import model as model_lib
 from config import DecodeConfig
 from helpers_infer import one_torch_thread  # noqa: F401  (autouse fixture)
@@ -266,3 +267,25 @@ def test_run_export_writes_the_folder_first_so_a_failed_upload_loses_nothing(tin
     with pytest.raises(ValueError, match="is intact"):
         export.run_export(tiny_pt, tmp_path / "second", push_to_hub="someone/tiny-captioner")
     assert checkpoint.read_model_folder(tmp_path / "second")["vocab"] == checkpoint.read_model_folder(out)["vocab"]
+
+
+def test_the_command_line_exports_then_captions_from_the_folder_as_from_the_pt(tiny_pt, tmp_path, capsys):
+    photo = hi.make_photo(tmp_path / "blue.png", "blue", 3)
+    out = tmp_path / "cli-export"
+    assert main.main(["--mode", "export", "--checkpoint", str(tiny_pt), "--output", str(out)]) == 0
+    captions = {}
+    for source in (tiny_pt, out):
+        target = tmp_path / f"{Path(source).name}.json"
+        assert main.main(["--mode", "test", "--checkpoint", str(source), "--image_path", str(photo),
+                          "--output", str(target), "--beam_size", "3"]) == 0
+        captions[source] = [r["caption"] for r in json.loads(target.read_text())]
+    assert captions[tiny_pt] == captions[out] and captions[out][0]
+    # A second export into the same folder is refused (nothing made earlier disappears unasked).
+    assert main.main(["--mode", "export", "--checkpoint", str(tiny_pt), "--output", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_export_without_output_is_a_one_line_error(tiny_pt, capsys):
+    assert main.main(["--mode", "export", "--checkpoint", str(tiny_pt)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --mode export needs --output") and "\n" not in err
