@@ -2,9 +2,11 @@
 
 One process on CPU or one GPU, `nn.DataParallel` over the visible GPUs (`--multi_gpu`), or
 DistributedDataParallel when launched by `torchrun` (NCCL on GPUs, gloo on CPU). With a frozen
-encoder the CNN runs once per image (extract.py caches its features). Validation BLEU-4 from real
+encoder the CNN runs once per image (extract.py caches its features). A validation score of real
 greedy decoding of each validation image drives the learning-rate schedule, early stopping and
-`best.pt`.
+`best.pt`: BLEU-4 under cross-entropy (`--objective xe`), CIDEr-D under self-critical training
+(`--objective scst`, scst.py: the same step machinery with another loss, on batches of images).
+`--init_from` starts a new run from another run's weights and vocabulary (fresh optimizer).
 
 The step never waits for the device: host copies are non-blocking from pinned memory, the loss
 and accuracy sums stay on the device and are read at logging points, and a NaN/inf step is
@@ -16,17 +18,14 @@ P encoder positions, C encoder channels, V vocabulary.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
 import math
 import random
-import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -41,14 +40,17 @@ from devices import Dist, autocast, init_distributed, resolve_amp, resolve_devic
 import extract
 from metrics import corpus_bleu
 import model as model_lib
-from run_files import protect_earlier_run, resolve_resume, save_epoch_files
+from run_files import RUN_FILES, protect_earlier_run, resolve_resume, save_epoch_files
 from run_logging import RunLoggers, epoch_line, progress
+from sampler import ResumableSampler, image_groups
+import scst
 from seeded_items import SeededItems
+from stopping import EXIT_SIGNAL, StopFlag, any_rank, stop_signals
 from text import Vocabulary
+from train_sums import DeviceSums, EpochTotals, token_accuracy
 
 logger = logging.getLogger(__name__)
 
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Steps between reads of the device-side sums (the only host-device syncs of an epoch).
 LOG_EVERY = 25
 
@@ -96,65 +98,12 @@ def demo_overrides(explicit: Iterable[str]) -> dict[str, Any]:
     return {k: v for k, v in DEMO_PRESET.items() if k not in explicit}
 
 
-# ---------------------------------------------------------------- randomness and sampling
+# ---------------------------------------------------------------- randomness and the step module
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class ResumableSampler(torch.utils.data.Sampler):
-    """The distributed sampler of training (also for one process), resumable mid-epoch.
-
-    The order depends only on (seed, epoch), so a run resumed mid-epoch sees the same remaining
-    batches as the interrupted one (`skip` drops the samples already trained). `groups` (item
-    indices that belong together, e.g. one image's captions) are shuffled as units and stay
-    next to each other, so that a batch holds few images and the CNN runs once for each.
-    Every rank gets a contiguous, equally long share (padded by wrapping around, as
-    torch's DistributedSampler does), so all ranks take the same number of steps.
-    """
-
-    def __init__(self, num_items: int, *, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
-                 seed: int = 0, groups: list[list[int]] | None = None):
-        self.num_items, self.num_replicas, self.rank = num_items, num_replicas, rank
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
-        self.groups = groups
-        self.skip = 0  # samples of this epoch already trained (a multiple of the batch size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _per_rank(self) -> int:
-        return math.ceil(self.num_items / self.num_replicas)
-
-    def _order(self) -> list[int]:
-        units = self.groups if self.groups is not None else [[i] for i in range(self.num_items)]
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
-            perm = torch.randperm(len(units), generator=g).tolist()
-        else:
-            perm = range(len(units))
-        order = [i for u in perm for i in units[u]]
-        size = self._per_rank()
-        while len(order) < size * self.num_replicas:
-            order += order[: size * self.num_replicas - len(order)]
-        return order[self.rank * size:(self.rank + 1) * size]
-
-    def __iter__(self):
-        return iter(self._order()[self.skip:])
-
-    def __len__(self) -> int:
-        return max(0, self._per_rank() - self.skip)
-
-
-def image_groups(dataset) -> list[list[int]]:
-    """Item indices of a CaptionDataset grouped by image (its items are (image, caption) pairs)."""
-    groups: dict[int, list[int]] = {}
-    for k, (image, _) in enumerate(dataset.items):
-        groups.setdefault(image, []).append(k)
-    return list(groups.values())
 
 
 class TrainStep(nn.Module):
@@ -182,116 +131,10 @@ class TrainStep(nn.Module):
         return self.model.decoder(feats, captions, lengths)  # (B, T-1, V), (B, T-1, P)
 
 
-# ---------------------------------------------------------------- stop signals
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop finishes the current step, saves last.pt and exits."""
-
-    def __init__(self):
-        self.signum: int | None = None
-
-    def __call__(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: the user wants out now (saves are atomic)
-        self.signum = signum
-        logger.warning("%s received: finishing this step, then saving last.pt",
-                       signal.Signals(signum).name)
-
-    def __bool__(self) -> bool:
-        return self.signum is not None
-
-
-@contextlib.contextmanager
-def stop_signals(flag: StopFlag):
-    """Route SIGINT/SIGTERM to `flag` while training (main thread only), then restore."""
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = {s: signal.signal(s, flag) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def _any_rank(flag: bool, device: torch.device, d: Dist) -> bool:
-    """True when `flag` is set on any rank, so that all ranks stop at the same step."""
-    if not d.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t)
-    return bool(t.item() > 0)
-
-
 # ---------------------------------------------------------------- one epoch
 
 class TrainingDiverged(RuntimeError):
     """Too many NaN/inf losses in a row."""
-
-
-@dataclasses.dataclass
-class EpochTotals:
-    """Running sums of one training epoch (kept in last.pt when interrupted mid-epoch)."""
-    loss_sum: float = 0.0       # sum of per-batch loss x captions
-    captions: int = 0
-    tokens: int = 0
-    correct: int = 0
-    steps: int = 0              # optimizer steps taken or skipped in this epoch
-    skipped_nonfinite: int = 0
-    skipped_images: int = 0
-    seconds: float = 0.0
-
-    def summary(self) -> dict:
-        return {"loss": self.loss_sum / max(self.captions, 1),
-                "acc": self.correct / max(self.tokens, 1),
-                "captions_per_s": self.captions / max(self.seconds, 1e-9),
-                "skipped_nonfinite": self.skipped_nonfinite, "skipped_images": self.skipped_images}
-
-
-class DeviceSums:
-    """The step's sums, accumulated on the device; `read` (a sync) moves them into EpochTotals.
-
-    `bad_in_row` counts non-finite losses since the last finite one; `worst` its largest value
-    since the last read, so a divergence between two reads is not missed.
-    """
-    FIELDS = ("loss_sum", "captions", "tokens", "correct", "skipped_nonfinite")
-
-    def __init__(self, device: torch.device):
-        self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
-        self.bad_in_row = torch.zeros((), dtype=torch.float64, device=device)
-        self.worst = torch.zeros((), dtype=torch.float64, device=device)
-
-    def add(self, loss: torch.Tensor, bad: torch.Tensor, captions: int, correct: torch.Tensor,
-            tokens: torch.Tensor) -> None:
-        good = 1.0 - bad
-        row = torch.stack([torch.where(bad > 0, 0.0, loss.double()) * captions, good * captions,
-                           tokens * good, correct * good, bad])
-        self.sums += row
-        self.bad_in_row = (self.bad_in_row + 1.0) * bad
-        self.worst = torch.maximum(self.worst, self.bad_in_row)
-
-    def read(self, totals: EpochTotals) -> int:
-        """Add the sums to `totals`, reset them; returns the longest run of bad steps seen."""
-        values = torch.cat([self.sums, self.worst[None]]).tolist()
-        totals.loss_sum += values[0]
-        totals.captions += int(values[1])
-        totals.tokens += int(values[2])
-        totals.correct += int(values[3])
-        totals.skipped_nonfinite += int(values[4])
-        self.sums.zero_()
-        self.worst = self.bad_in_row.clone()
-        return int(values[5])
-
-
-def token_accuracy(logits: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced top-1 accuracy counts (correct, tokens) over the real targets, on the device."""
-    targets = captions[:, 1:]  # (B, T-1)
-    steps = torch.arange(targets.size(1), device=targets.device)  # (T-1,)
-    mask = steps[None, :] < (lengths - 1)[:, None]  # (B, T-1)
-    correct = (logits.argmax(-1) == targets) & mask  # (B, T-1)
-    return correct.sum(), mask.sum()
 
 
 def compute_loss(net: nn.Module, inputs, captions, lengths, alpha_c: float, image_idx=None):
@@ -305,20 +148,34 @@ def compute_loss(net: nn.Module, inputs, captions, lengths, alpha_c: float, imag
     return loss, ce, logits
 
 
-def train_step(net: nn.Module, batch, optimizer, scaler, device: torch.device, cfg: TrainConfig, *,
-               alpha_c: float, amp_dtype: torch.dtype | None, sums: DeviceSums, d: Dist = Dist()) -> None:
-    """One optimizer step, without waiting for the device.
-
-    A NaN/inf loss (on any rank) leaves the weights and the optimizer untouched: its gradients
-    are non-finite, so GradScaler's `found_inf` makes the fused optimizer skip the update on the
-    device. `sums` counts it.
-    """
+def cross_entropy_objective(net: nn.Module, batch, device: torch.device, alpha_c: float
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher-forced loss of a batch of captions and its sums (captions, tokens, correct, 0, 0)."""
     captions = to_device(batch.captions, device)  # (B, T)
     lengths = to_device(batch.lengths, device)  # (B,)
+    loss, _, logits = compute_loss(net, to_device(batch.inputs, device), captions, lengths,
+                                   alpha_c, to_device(batch.image_idx, device))
+    correct, tokens = token_accuracy(logits.detach(), captions, lengths)
+    zero = correct.new_zeros(())
+    return loss, torch.stack([zero + captions.size(0), tokens, correct, zero, zero]).double()
+
+
+def train_step(net: nn.Module, batch, optimizer, scaler, device: torch.device, cfg: TrainConfig, *,
+               alpha_c: float = 1.0, amp_dtype: torch.dtype | None, sums: DeviceSums, d: Dist = Dist(),
+               objective: Callable | None = None) -> None:
+    """One optimizer step, without waiting for the device (an SCST objective waits for its reward).
+
+    `objective(net, batch, device) -> (loss, sums)`: scst.ScstObjective, or None for cross-entropy
+    with `alpha_c`. A NaN/inf loss (on any rank) leaves the weights and the optimizer untouched:
+    its gradients are non-finite, so GradScaler's `found_inf` makes the fused optimizer skip the
+    update on the device. `sums` counts it.
+    """
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, amp_dtype):
-        loss, _, logits = compute_loss(net, to_device(batch.inputs, device), captions, lengths,
-                                       alpha_c, to_device(batch.image_idx, device))
+        if objective is None:
+            loss, stats = cross_entropy_objective(net, batch, device, alpha_c)
+        else:
+            loss, stats = objective(net, batch, device)
     bad = (~torch.isfinite(loss.detach())).double()  # () 1.0 for a skipped step
     if d.enabled:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips the same steps
@@ -328,8 +185,7 @@ def train_step(net: nn.Module, batch, optimizer, scaler, device: torch.device, c
         nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    correct, tokens = token_accuracy(logits.detach(), captions, lengths)
-    sums.add(loss.detach(), bad, captions.size(0), correct, tokens)
+    sums.add(loss.detach(), bad, stats)
 
 
 def _check_diverged(worst: int, epoch: int, cfg: TrainConfig, totals: EpochTotals) -> None:
@@ -345,8 +201,10 @@ def _check_diverged(worst: int, epoch: int, cfg: TrainConfig, totals: EpochTotal
 def train_one_epoch(loader, net: nn.Module, optimizer, scaler, epoch: int, device: torch.device,
                     cfg: TrainConfig, *, alpha_c: float, amp_dtype: torch.dtype | None = None,
                     totals: EpochTotals | None = None, stop: StopFlag | None = None,
-                    d: Dist = Dist(), desc: str = "train") -> tuple[EpochTotals, bool]:
+                    d: Dist = Dist(), desc: str = "train", objective: Callable | None = None
+                    ) -> tuple[EpochTotals, bool]:
     """Train over `loader` once (or over what is left of it). Returns (totals, stopped early).
+    `objective`: as train_step's (None: cross-entropy).
 
     NaN/inf losses skip their steps; `cfg.max_bad_steps` of them in a row raise TrainingDiverged
     at the next logging point (no bad update reaches the weights meanwhile).
@@ -362,13 +220,13 @@ def train_one_epoch(loader, net: nn.Module, optimizer, scaler, epoch: int, devic
         totals.steps += 1
         if len(batch):  # else every image of the batch was unreadable
             train_step(net, batch, optimizer, scaler, device, cfg, alpha_c=alpha_c,
-                       amp_dtype=amp_dtype, sums=sums, d=d)
+                       amp_dtype=amp_dtype, sums=sums, d=d, objective=objective)
         at_log = totals.steps % LOG_EVERY == 0
         if at_log:
             _check_diverged(sums.read(totals), epoch, cfg, totals)
             bar.set_postfix(loss=f"{totals.loss_sum / max(totals.captions, 1):.3f}", refresh=False)
         # Under DDP the ranks agree only at logging points (a collective); alone, every step.
-        if stop is not None and (not d.enabled or at_log) and _any_rank(bool(stop), device, d):
+        if stop is not None and (not d.enabled or at_log) and any_rank(bool(stop), device, d):
             stopped = True
             break
     _check_diverged(sums.read(totals), epoch, cfg, totals)
@@ -384,6 +242,7 @@ class Validation:
     acc: float
     bleu: list[float]                   # BLEU-1..4 of greedy captions, one per image
     samples: list[dict]                 # name, path, caption, words, references, alphas (first images)
+    cider: float = 0.0                  # CIDEr-D of the same captions (coco-caption's corpus score)
 
 
 @torch.no_grad()
@@ -412,9 +271,9 @@ def _teacher_forced(loader, model: nn.Module, device: torch.device, alpha_c: flo
 def validate(caption_loader, image_loader, model: nn.Module, vocab, device: torch.device, *,
              alpha_c: float, max_len: int, amp_dtype: torch.dtype | None = None,
              num_samples: int = 4, show_progress: bool = True) -> Validation:
-    """Teacher-forced loss/accuracy over the validation captions (logged only), and BLEU-1..4 of
-    greedy captions decoded once per validation image against all its references (drives
-    the schedule, early stopping and best.pt)."""
+    """Teacher-forced loss/accuracy over the validation captions (logged only), and BLEU-1..4 and
+    CIDEr-D of greedy captions decoded once per validation image against all its references
+    (BLEU-4, or CIDEr-D in SCST, drives the schedule, early stopping and best.pt)."""
     model = unwrap(model)
     model.eval()
     loss, acc = _teacher_forced(caption_loader, model, device, alpha_c, amp_dtype, show_progress)
@@ -425,11 +284,12 @@ def validate(caption_loader, image_loader, model: nn.Module, vocab, device: torc
     hypotheses = {records[c.index].name: " ".join(c.words) for c in captions}
     references = {records[c.index].name: [" ".join(t) for t in records[c.index].tokens] for c in captions}
     bleu = corpus_bleu(references, hypotheses) if hypotheses else [0.0] * 4
+    cider_d = scst.corpus_cider([c.words for c in captions], [records[c.index].tokens for c in captions])
     samples = [{"name": records[c.index].name, "path": str(records[c.index].path),
                 "caption": " ".join(c.words), "words": c.words,
                 "references": references[records[c.index].name], "alphas": c.alphas}
                for c in captions[:num_samples]]
-    return Validation(loss=loss, acc=acc, bleu=bleu, samples=samples)
+    return Validation(loss=loss, acc=acc, bleu=bleu, samples=samples, cider=cider_d)
 
 
 # ---------------------------------------------------------------- building blocks
@@ -491,25 +351,23 @@ def _reduce_totals(totals: EpochTotals, device: torch.device, d: Dist) -> EpochT
     """Sum the epoch's running totals over ranks (seconds: the slowest rank)."""
     if not d.enabled:
         return totals
-    t = torch.tensor([totals.loss_sum, totals.captions, totals.tokens, totals.correct,
-                      totals.skipped_nonfinite, totals.skipped_images], dtype=torch.float64,
-                     device=device)
+    names = DeviceSums.FIELDS + ("skipped_images",)
+    t = torch.tensor([getattr(totals, n) for n in names], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     s = torch.tensor([totals.seconds], dtype=torch.float64, device=device)
     dist.all_reduce(s, op=dist.ReduceOp.MAX)
-    return dataclasses.replace(totals, loss_sum=float(t[0]), captions=int(t[1]), tokens=int(t[2]),
-                               correct=int(t[3]), skipped_nonfinite=int(t[4]),
-                               skipped_images=int(t[5]), seconds=float(s[0]))
+    summed = {n: type(getattr(totals, n))(v) for n, v in zip(names, t.tolist())}
+    return dataclasses.replace(totals, **summed, seconds=float(s[0]))
 
 
 def _broadcast(metrics: Validation | None, d: Dist) -> Validation:
     """Rank 0's validation result on every rank: they step the schedule and stop together."""
     if not d.enabled:
         return metrics
-    box = [None if metrics is None else (metrics.loss, metrics.acc, list(metrics.bleu))]
+    box = [None if metrics is None else (metrics.loss, metrics.acc, list(metrics.bleu), metrics.cider)]
     dist.broadcast_object_list(box, src=0)
-    loss, acc, bleu = box[0]
-    return metrics if metrics is not None else Validation(loss, acc, bleu, [])
+    loss, acc, bleu, cider_d = box[0]
+    return metrics if metrics is not None else Validation(loss, acc, bleu, [], cider_d)
 
 
 # ---------------------------------------------------------------- the run
@@ -528,7 +386,9 @@ class Run:
     model: nn.Module | None = None
     store: Any = None                   # FeatureStore of --features_dir or the feature cache
     features: dict | None = None        # what the checkpoint records about those features
-    net: nn.Module | None = None        # TrainStep, wrapped for DP/DDP
+    net: nn.Module | None = None        # TrainStep (SCST: scst.SampleStep), wrapped for DP/DDP
+    init: dict | None = None            # --init_from's checkpoint: weights and vocabulary only
+    objective: Any = None               # scst.ScstObjective, or None: cross-entropy
     optimizer: Any = None
     scheduler: Any = None
     scaler: Any = None
@@ -556,6 +416,12 @@ class Run:
     def stopped_early(self) -> bool:
         return self.early["bad_epochs"] >= self.cfg.patience > 0
 
+    @property
+    def selection(self) -> tuple[str, str]:
+        """The history key and name of the validation score that picks best.pt, steps the
+        schedule and stops early: CIDEr-D when training on it (SCST), else BLEU-4."""
+        return ("cider", "CIDEr-D") if self.cfg.objective == "scst" else ("bleu4", "BLEU-4")
+
 
 def run_training(data_cfg, model_cfg, train_cfg: TrainConfig) -> int:
     """Train; returns the exit status (0 done, 1 diverged, 130/143 stopped by SIGINT/SIGTERM).
@@ -572,7 +438,8 @@ def run_training(data_cfg, model_cfg, train_cfg: TrainConfig) -> int:
         _make_optimization(run, ckpt)
         if ckpt is not None:
             _restore(run, ckpt, resume_path)
-        run.net = wrap_for_devices(TrainStep(run.model), run.cfg, run.device, d)
+        step = scst.SampleStep if train_cfg.objective == "scst" else TrainStep
+        run.net = wrap_for_devices(step(run.model), run.cfg, run.device, d)
         status = _train_epochs(run)
         if status == 0:
             _report(run)
@@ -599,13 +466,40 @@ def _start(data_cfg, model_cfg, cfg: TrainConfig, d: Dist) -> tuple[Run, dict | 
                     "trained from random weights (no ImageNet download)" if not model_cfg.pretrained
                     else "from ImageNet weights", model_cfg.image_size or "native",
                     "trained end to end" if model_cfg.fine_tune_encoder else "frozen")
+    _check_init_from(cfg)
     resume_path = resolve_resume(cfg.resume, Path(cfg.weights_dir))
     if resume_path is None:
         protect_earlier_run(cfg, d)
     ckpt = ckpt_lib.load_checkpoint(resume_path) if resume_path else None
+    if ckpt is not None:
+        _check_objective(ckpt, cfg, resume_path)
+    run = Run(cfg, data_cfg, model_cfg, d, device, amp_dtype)
+    if ckpt is None and cfg.init_from:
+        run.init = ckpt_lib.load_checkpoint(cfg.init_from)
     # The same seed on every rank: models (and feature-cache keys) start identical everywhere.
     seed_everything(cfg.seed)
-    return Run(cfg, data_cfg, model_cfg, d, device, amp_dtype), ckpt, resume_path
+    return run, ckpt, resume_path
+
+
+def _check_init_from(cfg: TrainConfig) -> None:
+    """SCST starts from a trained model; the run never writes over the file it starts from."""
+    if cfg.init_from is None:
+        if cfg.objective == "scst":
+            raise ValueError("--objective scst fine-tunes a trained captioner: pass --init_from "
+                             "CHECKPOINT (e.g. a cross-entropy run's best.pt)")
+        return
+    path, weights_dir = Path(cfg.init_from).resolve(), Path(cfg.weights_dir).resolve()
+    if path.parent == weights_dir and (path.name in RUN_FILES or path.match("epoch_*.pt")):
+        raise ValueError(f"--init_from {cfg.init_from} is a file this run would write; pass another "
+                         f"--weights_dir for the new run")
+
+
+def _check_objective(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
+    """A resumed run keeps its objective: its best score and schedule are on that objective's metric."""
+    saved = (ckpt.get("train_config") or {}).get("objective", "xe")
+    if saved != cfg.objective:
+        raise ValueError(f"--resume {path}: that run trains with --objective {saved}, not {cfg.objective}; "
+                         f"to fine-tune it, start a new run with --init_from {path} --weights_dir NEW")
 
 
 def _load_data(run: Run, ckpt: dict | None) -> None:
@@ -618,8 +512,9 @@ def _load_data(run: Run, ckpt: dict | None) -> None:
     if not run.splits.train or not run.splits.val:
         raise ValueError(f"need training and validation images, got {len(run.splits.train)} and "
                          f"{len(run.splits.val)} (check the data set and --split_sizes)")
-    if ckpt is not None:
-        run.vocab = Vocabulary.from_list(list(ckpt["vocab"]))
+    source = ckpt if ckpt is not None else run.init
+    if source is not None:
+        run.vocab = Vocabulary.from_list(list(source["vocab"]))
     else:
         run.vocab = data_utils.build_vocabulary(run.splits, run.data_cfg.min_word_freq)
 
@@ -649,7 +544,10 @@ def _build_model(run: Run, ckpt: dict | None, resume_path: Path | None) -> None:
     if run.cfg.features_dir:
         _external_features(run)
     model_cfg = dataclasses.replace(run.model_cfg, vocab_size=len(run.vocab))
-    run.model, run.model_cfg = ckpt_lib.build_or_restore_model(model_cfg, ckpt, resume_path or "checkpoint")
+    if ckpt is None and run.init is not None:
+        _check_init_fits(run.init, model_cfg, run.cfg.init_from)
+    run.model, run.model_cfg = ckpt_lib.build_or_restore_model(
+        model_cfg, ckpt if ckpt is not None else run.init, resume_path or run.cfg.init_from or "checkpoint")
     run.model.to(run.device)
     if run.d.rank > 0:
         # Other dropout masks and augmentations per rank, once the weights are built alike.
@@ -669,6 +567,16 @@ def _build_model(run: Run, ckpt: dict | None, resume_path: Path | None) -> None:
                     "runs on every image at every step")
 
 
+def _check_init_fits(init: dict, model_cfg, path: str) -> None:
+    """--init_from's model must be the requested one (weights of another shape cannot load)."""
+    ignore = ckpt_lib.INIT_ONLY_FIELDS + ("encoder_from_scratch",)
+    diffs = ckpt_lib.config_differences(init["model_config"], model_cfg, ignore=ignore)
+    if diffs:
+        listed = "; ".join(f"{k}: checkpoint {old!r} vs requested {new!r}" for k, (old, new) in diffs.items())
+        raise ValueError(f"--init_from {path} does not fit the requested model ({listed}); pass the "
+                         f"model flags of the run that trained it")
+
+
 def _make_loaders(run: Run) -> None:
     """Training loader (resumable sampler) and the two validation loaders."""
     cfg, store, vocab = run.cfg, run.store, run.vocab
@@ -677,14 +585,23 @@ def _make_loaders(run: Run) -> None:
         unreadable = set(store.meta.get("unreadable", []))
         train_records = [r for r in train_records if r.name not in unreadable]
         val_records = [r for r in val_records if r.name not in unreadable]
-        inputs = {"features": store}
-        train_set = data_utils.CaptionDataset(train_records, vocab, **inputs)
+        inputs = train_inputs = {"features": store}
     else:
         inputs = {"transform": model_lib.image_transform(run.model_cfg, train=False)}
-        train_set = data_utils.CaptionDataset(
-            train_records, vocab, transform=model_lib.image_transform(run.model_cfg, train=True))
-    # End to end, an image's captions share a batch and one CNN pass (see TrainStep).
-    groups = image_groups(train_set) if store is None and cfg.group_by_image else None
+        train_inputs = {"transform": model_lib.image_transform(run.model_cfg, train=True)}
+    batch_size, groups = cfg.batch_size, None
+    collate = functools.partial(data_utils.collate_captions, pad_id=vocab.pad_id)
+    if cfg.objective == "scst":
+        # One item per image with all its references; K samples each keep batch_size captions a step.
+        train_set = data_utils.ImageDataset(train_records, **train_inputs)
+        batch_size, collate = max(1, cfg.batch_size // cfg.scst_samples), data_utils.collate_images
+        run.objective = scst.ScstObjective([r.tokens for r in train_set.records], vocab, cfg,
+                                           run.data_cfg.max_caption_len)
+    else:
+        train_set = data_utils.CaptionDataset(train_records, vocab, **train_inputs)
+        if store is None and cfg.group_by_image:
+            # End to end, an image's captions share a batch and one CNN pass (see TrainStep).
+            groups = image_groups(train_set)
     run.sampler = ResumableSampler(len(train_set), num_replicas=run.d.world_size, rank=run.d.rank,
                                    shuffle=True, seed=cfg.seed, groups=groups)
     workers = run.data_cfg.num_workers
@@ -692,11 +609,10 @@ def _make_loaders(run: Run) -> None:
     # or a run resumed mid-epoch would draw other dropout masks than the uninterrupted one; and
     # SeededItems augments each item alike in whichever worker loads it (see seeded_items.py).
     run.loaders = {
-        "train": data_utils.make_loader(SeededItems(train_set, cfg.seed + run.d.rank), cfg.batch_size,
+        "train": data_utils.make_loader(SeededItems(train_set, cfg.seed + run.d.rank), batch_size,
                                         num_workers=workers,
                                         sampler=run.sampler, seed=cfg.seed + run.d.rank,
-                                        collate=functools.partial(data_utils.collate_captions,
-                                                                  pad_id=vocab.pad_id)),
+                                        collate=collate),
         "val": data_utils.make_loader(data_utils.CaptionDataset(val_records, vocab, **inputs),
                                       cfg.batch_size, num_workers=workers, seed=cfg.seed),
         "val_images": data_utils.make_loader(data_utils.ImageDataset(val_records, **inputs),
@@ -723,9 +639,9 @@ def _restore(run: Run, ckpt: dict, path: Path) -> None:
     run.start_epoch, run.start_step = int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", 0))
     run.partial = EpochTotals(**ckpt["partial"]) if ckpt.get("partial") else None
     ckpt_lib.set_rng_state(ckpt["rng"])
-    logger.info("resumed from %s: epoch %d%s, best val BLEU-4 %.4f", path,
+    logger.info("resumed from %s: epoch %d%s, best val %s %.4f", path,
                 run.start_epoch + 1 if run.start_step else run.start_epoch,
-                f" step {run.start_step}" if run.start_step else " done", run.early["best"])
+                f" step {run.start_step}" if run.start_step else " done", run.selection[1], run.early["best"])
 
 
 def _train_epochs(run: Run) -> int:
@@ -735,8 +651,8 @@ def _train_epochs(run: Run) -> int:
         run.weights_dir.mkdir(parents=True, exist_ok=True)
         run.vocab.save(run.weights_dir / "vocab.json")
     if run.stopped_early() and run.start_step == 0:
-        logger.info("this run had already stopped early (no better BLEU-4 for %d epochs)",
-                    run.early["bad_epochs"])
+        logger.info("this run had already stopped early (no better %s for %d epochs)",
+                    run.selection[1], run.early["bad_epochs"])
         return 0
     run_config = {"model": ckpt_lib.to_plain(run.model_cfg), "train": ckpt_lib.to_plain(cfg),
                   "data": ckpt_lib.to_plain(run.data_cfg)}
@@ -751,8 +667,8 @@ def _train_epochs(run: Run) -> int:
                 if status is not None:
                     return status
                 if run.stopped_early():
-                    logger.info("early stopping: no better validation BLEU-4 for %d epochs (best %.4f)",
-                                run.early["bad_epochs"], run.early["best"])
+                    logger.info("early stopping: no better validation %s for %d epochs (best %.4f)",
+                                run.selection[1], run.early["bad_epochs"], run.early["best"])
                     bar.total = epoch + 1  # the bar ends where the run did, not at "12/100"
                     bar.refresh()
                     break
@@ -768,13 +684,13 @@ def _epoch(run: Run, epoch: int, stop: StopFlag, loggers: RunLoggers) -> int | N
     skip = run.start_step if epoch == run.start_epoch else 0
     run.sampler.set_epoch(epoch)
     run.loaders["train"].dataset.set_epoch(epoch)
-    run.sampler.skip = skip * cfg.batch_size
+    run.sampler.skip = skip * run.loaders["train"].batch_size
     totals = run.partial if (skip and run.partial is not None) else EpochTotals(steps=skip)
     try:
         totals, stopped = train_one_epoch(
             run.loaders["train"], run.net, run.optimizer, run.scaler, epoch, run.device, cfg,
             alpha_c=run.model_cfg.alpha_c, amp_dtype=run.amp_dtype, totals=totals, stop=stop, d=d,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}")
+            desc=f"epoch {epoch + 1}/{cfg.epochs}", objective=run.objective)
     except TrainingDiverged as exc:
         logger.error("%s", exc)
         return 1
@@ -803,17 +719,18 @@ def _epoch(run: Run, epoch: int, stop: StopFlag, loggers: RunLoggers) -> int | N
 
 
 def _record(run: Run, epoch: int, totals: EpochTotals, metrics: Validation) -> tuple[dict, bool]:
-    """The epoch's history row; early stopping's and the schedule's step on its BLEU-4."""
-    bleu4 = metrics.bleu[3]
-    improved = bleu4 > run.early["best"]
-    run.early = {"best": bleu4 if improved else run.early["best"],
-                 "bad_epochs": 0 if improved else run.early["bad_epochs"] + 1}
-    row = {"epoch": epoch + 1, **totals.summary(), "val_loss": metrics.loss,
+    """The epoch's history row; early stopping's and the schedule's step on its selection score."""
+    row = {"epoch": epoch + 1, **totals.summary(run.cfg.objective), "val_loss": metrics.loss,
            "val_acc": metrics.acc, **{f"bleu{n}": metrics.bleu[n - 1] for n in range(1, 5)},
-           "lr": _group_lr(run.optimizer, "decoder"), "encoder_lr": _group_lr(run.optimizer, "encoder"),
-           "seconds": totals.seconds, "best": improved}
+           "cider": metrics.cider, "lr": _group_lr(run.optimizer, "decoder"),
+           "encoder_lr": _group_lr(run.optimizer, "encoder"), "seconds": totals.seconds}
+    score = row[run.selection[0]]
+    improved = score > run.early["best"]
+    run.early = {"best": score if improved else run.early["best"],
+                 "bad_epochs": 0 if improved else run.early["bad_epochs"] + 1}
+    row["best"] = improved
     run.history.append(row)
-    run.scheduler.step(bleu4)
+    run.scheduler.step(score)
     return row, improved
 
 
@@ -834,8 +751,9 @@ def _report(run: Run) -> None:
     """The run's best epoch; the demo ends by captioning a held-out test image."""
     if not run.d.is_main or not run.history:
         return
-    best = max(run.history, key=lambda h: h["bleu4"])
-    logger.info("best validation BLEU-4 %.4f at epoch %d; checkpoints in %s", best["bleu4"],
+    key, name = run.selection
+    best = max(run.history, key=lambda h: h[key])
+    logger.info("best validation %s %.4f at epoch %d; checkpoints in %s", name, best[key],
                 best["epoch"], run.weights_dir)
     best_path = run.weights_dir / "best.pt"
     if is_demo(run.data_cfg) and run.splits.test and best_path.exists():
