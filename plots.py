@@ -47,7 +47,8 @@ def figure_image(fig: Figure, size: tuple[float, float] = (12.0, 6.0), dpi: int 
 # ---------------------------------------------------------------- training curves
 
 def history_figures(history: list[dict]) -> dict[str, Figure]:
-    """{"loss.png": train and val loss, "bleu.png": validation BLEU-1..4} against epoch."""
+    """{"loss.png": train and val loss, "bleu.png": validation BLEU-1..4, "cider.png": validation
+    CIDEr-D (and SCST's reward and baseline), "sample_length.png" (SCST)} against epoch."""
     epochs = [h["epoch"] for h in history]
     curves = {
         "loss.png": ("Loss (cross-entropy + attention term)", "loss",
@@ -56,6 +57,15 @@ def history_figures(history: list[dict]) -> dict[str, Figure]:
         "bleu.png": ("Validation BLEU (greedy decoding)", "score",
                      {f"BLEU-{n}": [h[f"bleu{n}"] for h in history] for n in range(1, 5)}),
     }
+    nan = float("nan")
+    if any("cider" in h for h in history):
+        curves["cider.png"] = ("CIDEr-D: validation (greedy), training samples (SCST)", "CIDEr-D",
+                               {label: [h.get(key, nan) for h in history] for key, label in (
+                                   ("cider", "validation"), ("reward", "sample reward"),
+                                   ("baseline", "baseline")) if any(key in h for h in history)})
+    if any("sample_len" in h for h in history):
+        curves["sample_length.png"] = ("Mean length of the sampled captions (SCST)", "words",
+                                       {"samples": [h.get("sample_len", nan) for h in history]})
     figures = {}
     for name, (title, ylabel, lines) in curves.items():
         fig = Figure(figsize=(6, 4))

@@ -39,6 +39,11 @@ def epoch_line(row: dict, epochs: int) -> str:
     line = (f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} val_loss {row['val_loss']:.4f} "
             f"acc {row['acc']:.3f} val_acc {row['val_acc']:.3f} BLEU-1..4 {bleu} "
             f"lr {row['lr']:.2e} time {row['seconds']:.1f}s {row['captions_per_s']:.0f} captions/s")
+    if "cider" in row:
+        line += f" CIDEr-D {row['cider']:.3f}"
+    if "reward" in row:  # self-critical training
+        line += (f" reward {row['reward']:.3f} baseline {row['baseline']:.3f} "
+                 f"sample_len {row['sample_len']:.1f}")
     skipped = [f"{row[k]} {what}" for k, what in (("skipped_images", "corrupt image(s)"),
                                                  ("skipped_nonfinite", "non-finite step(s)"))
                if row.get(k)]
@@ -151,6 +156,9 @@ class RunLoggers:
                    **{f"val/bleu{n}": row[f"bleu{n}"] for n in range(1, 5)}}
         if row.get("encoder_lr") is not None:
             scalars["encoder_lr"] = row["encoder_lr"]
+        scalars.update({name: row[key] for key, name in (
+            ("cider", "val/cider"), ("reward", "train/reward"), ("baseline", "train/baseline"),
+            ("sample_len", "train/sample_len")) if key in row})
         if self.tb is not None:
             self._log_tensorboard(step, scalars, samples)
         if self.wandb is not None:
