@@ -20,10 +20,12 @@ from PIL import Image
 
 import checkpoint as ck
 import data_utils
+from devices import Dist
 import features
 import main as cli
 import extract
 import model as model_lib
+import run_files
 import run_logging
 import train
 
@@ -455,6 +457,8 @@ def test_demo_preset_fills_only_flags_the_user_left_alone(monkeypatch):
     assert seen["model"].fine_tune_encoder == train.DEMO_PRESET["fine_tune_encoder"]
     assert seen["model"].encoder_proj_dim == train.DEMO_PRESET["encoder_proj_dim"]
     assert seen["data"].min_word_freq == 1
+    # `make demo` run again continues (or, finished, only reports) its run instead of refusing.
+    assert seen["train"].resume == "auto" and not seen["train"].overwrite
     # With a data set, no preset: the config defaults.
     assert cli.main(["--mode", "train", "--dataset_path", "x"]) == 0
     assert seen["train"].batch_size == 128 and seen["model"].encoder == "resnet50"
@@ -555,7 +559,7 @@ def test_early_stopping_and_plateau_resume_exactly_and_the_bar_ends_where_the_ru
 
     monkeypatch.setattr(train, "progress", spy)
     monkeypatch.setattr(train, "validate", _scripted_validation(scores))
-    assert train.run_training(*configs(dataset, tmp_path / "full", **kw)) == 0
+    assert train.run_training(*configs(dataset, tmp_path / "full", save_every=1, keep_last=0, **kw)) == 0
     full = json.loads((tmp_path / "full" / "weights" / "history.json").read_text())
     assert [h["epoch"] for h in full] == [1, 2, 3, 4, 5]  # stopped after 3 epochs without a better score
     # ReduceLROnPlateau(patience=1): the rate halves after the 2nd epoch without improvement.
@@ -563,6 +567,8 @@ def test_early_stopping_and_plateau_resume_exactly_and_the_bar_ends_where_the_ru
     assert (bars[0].n, bars[0].total) == (5, 5)
     best = ck.load_checkpoint(tmp_path / "full" / "weights" / "best.pt")
     assert best["epoch"] == 2 and best["best_score"] == max(h["bleu4"] for h in full)
+    # ... and epoch 2's weights, not a later epoch's.
+    assert_same_state(best["model"], weights_of(tmp_path / "full" / "weights" / "epoch_002.pt"))
 
     # Interrupted after epoch 3 (plateau and early-stopping counters at 1), then resumed.
     part = tmp_path / "part"
@@ -673,3 +679,39 @@ def test_threads_flag_sets_the_thread_count(dataset, feature_dir, tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- run_files
+
+def test_every_file_of_an_earlier_run_is_protected_and_the_message_names_the_way_out(tmp_path):
+    """history.json alone, a periodic checkpoint alone, graphs alone: each is an earlier run."""
+    cfg = train.TrainConfig(weights_dir=str(tmp_path / "w"), graphs_dir=str(tmp_path / "g"), wandb="disabled")
+    run_files.protect_earlier_run(cfg, Dist())  # nothing there yet: a new run may start
+    for made in ("w/history.json", "w/epoch_004.pt", "g/loss.png"):
+        (tmp_path / made).parent.mkdir(exist_ok=True)
+        (tmp_path / made).write_bytes(b"earlier")
+        with pytest.raises(ValueError, match="holds an earlier training run") as info:
+            run_files.protect_earlier_run(cfg, Dist())
+        assert str(tmp_path / made) in str(info.value)
+        assert ("--graphs_dir NEW" in str(info.value)) == made.startswith("g/")
+        (tmp_path / made).unlink()
+    # --overwrite removes the run's files, and only those.
+    for made in ("w/last.pt", "w/best.pt", "w/notes.txt", "g/bleu.png"):
+        (tmp_path / made).write_bytes(b"earlier")
+    run_files.protect_earlier_run(dataclasses.replace(cfg, overwrite=True), Dist())
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["notes.txt"]
+
+
+def test_resume_auto_without_last_pt_starts_new_and_periodic_pruning_keeps_the_newest(tmp_path):
+    assert run_files.resolve_resume(None, tmp_path) is None
+    assert run_files.resolve_resume("auto", tmp_path) is None
+    (tmp_path / "last.pt").write_bytes(b"x")
+    assert run_files.resolve_resume("auto", tmp_path) == tmp_path / "last.pt"
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        run_files.resolve_resume(str(tmp_path / "nope.pt"), tmp_path)
+    for epoch in (2, 4, 6, 8):
+        (tmp_path / f"epoch_{epoch:03d}.pt").write_bytes(b"x")
+    run_files.prune_periodic(tmp_path, 0)
+    assert len(list(tmp_path.glob("epoch_*.pt"))) == 4  # 0 keeps all
+    run_files.prune_periodic(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.glob("epoch_*.pt")) == ["epoch_006.pt", "epoch_008.pt"]
