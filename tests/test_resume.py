@@ -67,7 +67,8 @@ def rows(history: list[dict]) -> list[dict]:
 
 def assert_same_run(reference: Path, resumed: Path) -> None:
     """Same final weights, optimizer step counts and history rows (timings aside)."""
-    a, b = ck.load_checkpoint(reference / "weights" / "last.pt"), ck.load_checkpoint(resumed / "weights" / "last.pt")
+    a = ck.load_checkpoint(reference / "weights" / "last.pt")
+    b = ck.load_checkpoint(resumed / "weights" / "last.pt")
     assert_same_state(a["model"], b["model"])
     assert [s["step"] for s in a["optimizer"]["state"].values()] == \
         [s["step"] for s in b["optimizer"]["state"].values()]

@@ -31,6 +31,8 @@ import train
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 40, 220)}
+# A frozen encoder whose checkpoints are ~1 MB (resnet18's are 45 MB, written and fsynced per save).
+SMALL = {"encoder": "small_cnn"}
 TINY_MODEL = ["--encoder", "resnet18", "--no-pretrained", "--image_size", "32", "--encoded_size", "2",
               "--embed_dim", "16", "--attention_dim", "16", "--decoder_dim", "16"]
 
@@ -96,8 +98,8 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 def test_two_epochs_write_checkpoints_graphs_history_and_tensorboard(dataset, features_root, tmp_path):
     out = tmp_path / "run"
-    status = train.run_training(*configs(dataset, out, features_root, epochs=2, save_every=1,
-                                         keep_last=1, tensorboard=True))
+    status = train.run_training(*configs(dataset, out, features_root, model=SMALL, epochs=2,
+                                         save_every=1, keep_last=1, tensorboard=True))
     assert status == 0
     w = out / "weights"
     names = sorted(p.name for p in w.iterdir())
@@ -164,10 +166,10 @@ def test_fine_tune_end_to_end_with_batch_4_uses_encoder_lr(dataset, tmp_path):
 # ---------------------------------------------------------------- resume, signals, faults
 
 def test_resume_after_epoch_and_after_sigint_mid_epoch_match_uninterrupted_run(
-        dataset, features_root, tmp_path, monkeypatch):
+        dataset, feature_dir, tmp_path, monkeypatch):
     fine = {"dropout": 0.5}  # dropout draws from the RNG every step: it must resume exactly too
     full = tmp_path / "full"
-    kw = dict(model=fine, batch_size=4, features_root=features_root)
+    kw = dict(model=fine, batch_size=4, features_dir=str(feature_dir))
     assert train.run_training(*configs(dataset, full, epochs=2, **kw)) == 0
     reference = ck.load_checkpoint(full / "weights" / "last.pt")
 
@@ -232,7 +234,7 @@ def test_bad_training_flags_are_one_line_errors(dataset, tmp_path, capsys, argv,
 
 
 def test_nan_losses_are_skipped_then_stop_training_keeping_the_last_good_checkpoint(
-        dataset, features_root, tmp_path, monkeypatch, caplog):
+        dataset, feature_dir, tmp_path, monkeypatch, caplog):
     real = model_lib.caption_loss
     plan = {"bad": {2, 3}, "n": 0}
 
@@ -245,7 +247,8 @@ def test_nan_losses_are_skipped_then_stop_training_keeping_the_last_good_checkpo
         return loss, ce
 
     monkeypatch.setattr(model_lib, "caption_loss", flaky)
-    data_cfg, model_cfg, cfg = configs(dataset, tmp_path, features_root, epochs=2, max_bad_steps=3)
+    data_cfg, model_cfg, cfg = configs(dataset, tmp_path, features_dir=str(feature_dir), epochs=2,
+                                       max_bad_steps=3)
     assert train.run_training(data_cfg, model_cfg, cfg) == 0
     history = json.loads((tmp_path / "weights" / "history.json").read_text())
     assert history[0]["skipped_nonfinite"] == 2 and np.isfinite(history[0]["loss"])
@@ -269,52 +272,6 @@ def feature_dir(dataset, tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     features.write_features(out, names, [rng.random((len(names), 4, 8), dtype=np.float32)], 4, 8)
     return out
-
-
-_RUN_MAIN = textwrap.dedent("""
-    import os, sys
-    sys.path.insert(0, {root!r})
-    import torch
-    torch.set_num_threads(1)
-    import main
-    sys.exit(main.main(sys.argv[1:]))
-""")
-
-
-def test_sigkill_mid_run_leaves_a_checkpoint_that_resumes(dataset, feature_dir, tmp_path):
-    """kill -9 soon after an epoch's save (so mid-epoch, mid-validation or mid-save)."""
-    out = tmp_path / "killed"
-    out.mkdir()
-    script = out / "run.py"
-    script.write_text(_RUN_MAIN.format(root=str(ROOT)))
-    argv = ["--mode", "train", "--dataset_path", str(dataset), "--split_sizes", "16", "4",
-            "--min_word_freq", "1", "--num_workers", "0", "--features_dir", str(feature_dir),
-            "--embed_dim", "16", "--attention_dim", "16", "--decoder_dim", "16", "--batch_size", "2",
-            "--epochs", "500", "--patience", "0", "--weights_dir", str(out / "weights"),
-            "--graphs_dir", str(out / "graphs"), "--wandb", "disabled", "--log_level", "warning"]
-    proc = subprocess.Popen([sys.executable, str(script), *argv], cwd=out, text=True,
-                            env=dict(os.environ, TQDM_DISABLE="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    last = out / "weights" / "last.pt"
-    try:
-        deadline = time.monotonic() + 120
-        while not last.exists():
-            assert proc.poll() is None, f"training exited early: {proc.stderr.read()[-2000:]}"
-            assert time.monotonic() < deadline, "no last.pt after 120 s"
-            time.sleep(0.05)
-        time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        proc.kill()
-        proc.wait()
-    before = ck.load_checkpoint(last)
-    data_cfg, model_cfg, cfg = configs(dataset, out, batch_size=2, patience=0, resume="auto",
-                                       epochs=before["epoch"] + 1, features_dir=str(feature_dir))
-    assert train.run_training(data_cfg, model_cfg, cfg) == 0
-    after = ck.load_checkpoint(last)
-    assert after["epoch"] == before["epoch"] + 1
-    assert [h["epoch"] for h in after["history"]] == list(range(1, before["epoch"] + 2))
 
 
 def test_sigterm_and_sigint_set_the_stop_flag_and_handlers_come_back():
