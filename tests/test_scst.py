@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,76 @@ def test_scst_raises_the_validation_cider_of_a_cross_entropy_checkpoint(data, xe
     best = ck.load_checkpoint(tmp_path / "weights" / "best.pt")
     assert best["best_score"] == pytest.approx(max(h["cider"] for h in history))
     assert (tmp_path / "graphs" / "cider.png").exists() and (tmp_path / "graphs" / "sample_length.png").exists()
+
+
+def _rows(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k not in TIMINGS} for h in history]
+
+
+def test_scst_resumes_after_sigint_mid_epoch_exactly(data, xe_checkpoint, tmp_path, monkeypatch):
+    """Interrupted after 3 SCST steps of epoch 2, then `--resume auto`: the weights and history
+    equal those of the uninterrupted run (the samples are drawn from the restored RNG)."""
+    kw = dict(objective="scst", init_from=str(xe_checkpoint), epochs=2, scst_baseline="greedy",
+              scst_samples=2, batch_size=4)
+    assert train.run_training(*configs(data, tmp_path / "whole", **kw)) == 0
+    calls = {"n": 0}
+    real = scst.ScstObjective.__call__
+
+    def interrupting(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 12 + 3:  # 24 images, 2 a step: epoch 2's third step
+            signal.raise_signal(signal.SIGINT)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(scst.ScstObjective, "__call__", interrupting)
+    parts = configs(data, tmp_path / "cut", **kw)
+    assert train.run_training(*parts) == 130
+    monkeypatch.setattr(scst.ScstObjective, "__call__", real)
+    last = tmp_path / "cut" / "weights" / "last.pt"
+    assert ck.load_checkpoint(last)["step_in_epoch"] == 3
+    data_cfg, model_cfg, cfg = parts
+    assert train.run_training(data_cfg, model_cfg, dataclasses.replace(cfg, resume="auto")) == 0
+    whole = ck.load_checkpoint(tmp_path / "whole" / "weights" / "last.pt")
+    cut = ck.load_checkpoint(last)
+    for key, value in whole["model"].items():
+        torch.testing.assert_close(cut["model"][key], value, rtol=0, atol=0, msg=key)
+    # the same rows; a sum split at the interruption may differ in its last bit
+    for got, expected in zip(_rows(cut["history"]), _rows(whole["history"]), strict=True):
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert got[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
+
+
+def test_init_from_refuses_a_file_the_run_writes_and_an_scst_resume_of_an_xe_run(data, xe_checkpoint, tmp_path):
+    weights = xe_checkpoint.parent
+    with pytest.raises(ValueError, match="is a file this run would write"):
+        train.run_training(*configs(data, weights.parent, objective="scst", init_from=str(xe_checkpoint),
+                                    overwrite=True))
+    assert xe_checkpoint.exists()
+    with pytest.raises(ValueError, match="trains with --objective xe, not scst"):
+        train.run_training(*configs(data, weights.parent, objective="scst", init_from=str(tmp_path / "x.pt"),
+                                    resume=str(xe_checkpoint)))
+    with pytest.raises(ValueError, match="--objective scst fine-tunes a trained captioner"):
+        train.run_training(*configs(data, tmp_path, objective="scst"))
+
+
+def _main_args(data, out: Path, *extra: str) -> list[str]:
+    dataset, feats = data
+    return ["--mode", "train", "--dataset_path", str(dataset), "--split_sizes", "24", "6",
+            "--min_word_freq", "1", "--num_workers", "0", "--features_dir", str(feats),
+            "--embed_dim", "16", "--attention_dim", "16", "--decoder_dim", "16", "--dropout", "0",
+            "--epochs", "1", "--weights_dir", str(out / "weights"), "--graphs_dir", str(out / "graphs"),
+            "--wandb", "disabled", *extra]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--objective", "rl"), r"--objective: invalid choice: 'rl'"),
+    (("--objective", "scst", "--scst_baseline", "mean", "--scst_samples", "1"), r"--scst_samples must be"),
+    (("--objective", "scst", "--init_from", "{xe}", "--decoder_dim", "32"),
+     r"--init_from \S+ does not fit the requested model \(decoder_dim: checkpoint 16 vs requested 32"),
+    (("--objective", "scst", "--init_from", "{missing}"), r"missing\.pt"),
+])
+def test_bad_scst_flags_are_one_line_errors(data, xe_checkpoint, tmp_path, capsys, extra, message):
+    extra = [e.format(xe=xe_checkpoint, missing=tmp_path / "missing.pt") for e in extra]
+    assert cli.main(_main_args(data, tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
