@@ -24,9 +24,10 @@ from model import AttentionDecoder, CaptionModel
 
 @dataclass
 class Decoded:
-    tokens: list[list[int]]   # per image, without <sos>/<eos>
-    scores: list[float]       # per image, log-probability / length**length_penalty
-    alphas: list[Tensor]      # per image, (L, P) attention of each returned word
+    """One row per image (beam_search's n_best > 1: n_best rows per image, grouped, best first)."""
+    tokens: list[list[int]]   # per row, without <sos>/<eos>
+    scores: list[float]       # per row, log-probability / length**length_penalty
+    alphas: list[Tensor]      # per row, (L, P) attention of each returned word
 
 
 @dataclass
@@ -156,36 +157,44 @@ def greedy_decode(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: in
 
 @dataclass
 class _Ended:
-    """Per running image: the best hypothesis that ended so far (normalised score) and how many ended."""
-    score: Tensor     # (n,) -inf until one ends
-    tokens: Tensor    # (n, max_len) its tokens, <eos> included
-    length: Tensor    # (n,) its tokens, <eos> included
-    alphas: Tensor    # (n, max_len, P)
+    """Per running image: the M best hypotheses that ended so far (normalised score, best first)."""
+    score: Tensor     # (n, M) -inf in a slot not filled yet
+    tokens: Tensor    # (n, M, max_len) their tokens, <eos> included
+    length: Tensor    # (n, M) their tokens, <eos> included
+    alphas: Tensor    # (n, M, max_len, P)
     count: Tensor     # (n,) hypotheses ended within the top K so far
 
 
 def _record_ended(ended: _Ended, run: _Running, cand: tuple[Tensor, Tensor, Tensor], alpha: Tensor,
                   eos_id: int, K: int, lp: float) -> None:
     """Hypotheses that end at this step: only those ranked within the top K count, as in standard
-    beam search; an image keeps the best one (an earlier, shorter tie stays)."""
+    beam search; an image keeps its M best (stable sorts: an earlier, shorter tie stays ahead)."""
     cand_scores, parent, token = cand  # (n, 2K) each
-    t = run.history.size(-1)
+    t, M = run.history.size(-1), ended.score.size(1)
     ends = (token == eos_id) & (torch.arange(token.size(1), device=token.device) < K)  # (n, 2K)
     ends &= torch.isfinite(cand_scores)
     if not bool(ends.any()):
         return
     ended.count += ends.sum(dim=1)
-    norm = torch.where(ends, _normalise(cand_scores, float(t + 1), lp), -math.inf)  # (n, 2K)
-    top, top_j = norm.max(dim=1)  # (n,)
-    rows = (top > ended.score).nonzero().view(-1)  # (m,)
-    if rows.numel():
-        p = parent[rows, top_j[rows]]  # (m,)
-        ended.tokens[rows, :t] = run.history[rows, p]
-        ended.tokens[rows, t] = eos_id
-        ended.alphas[rows, :t] = run.alphas[rows, p]
-        ended.alphas[rows, t] = alpha[rows, p]
-        ended.score[rows] = top[rows]
-        ended.length[rows] = t + 1
+    rows = ends.any(dim=1).nonzero().view(-1)  # (m,) images with a hypothesis ending now
+    norm = torch.where(ends[rows], _normalise(cand_scores[rows], float(t + 1), lp), -math.inf)  # (m, 2K)
+    new_score, j = torch.sort(norm, dim=1, descending=True, stable=True)
+    new_score, p = new_score[:, :M], parent[rows].gather(1, j[:, :M])  # (m, M') M' = min(M, 2K)
+    new_tokens = ended.tokens.new_full((rows.numel(), p.size(1), ended.tokens.size(-1)), eos_id)
+    new_tokens[..., :t] = run.history[rows.unsqueeze(1), p]  # (m, M', max_len)
+    new_alphas = ended.alphas.new_zeros(rows.numel(), p.size(1), *ended.alphas.shape[2:])
+    new_alphas[..., :t, :] = run.alphas[rows.unsqueeze(1), p]  # (m, M', max_len, P)
+    new_alphas[..., t, :] = alpha[rows.unsqueeze(1), p]
+    # Kept ones first, so a tie keeps the earlier (shorter) hypothesis ahead.
+    score = torch.cat([ended.score[rows], new_score], dim=1)  # (m, M + M')
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :M]  # (m, M)
+    ended.score[rows] = score.gather(1, order)
+    ended.length[rows] = torch.cat([ended.length[rows], torch.full_like(p, t + 1)], dim=1).gather(1, order)
+    pick = order[..., None]  # (m, M, 1)
+    tokens = torch.cat([ended.tokens[rows], new_tokens], dim=1)  # (m, M + M', max_len)
+    ended.tokens[rows] = tokens.gather(1, pick.expand(-1, -1, tokens.size(-1)))
+    alphas = torch.cat([ended.alphas[rows], new_alphas], dim=1)  # (m, M + M', max_len, P)
+    ended.alphas[rows] = alphas.gather(1, pick[..., None].expand(-1, -1, *alphas.shape[2:]))
 
 
 def _advance(run: _Running, cand: tuple[Tensor, Tensor, Tensor], alpha: Tensor, eos_id: int, K: int) -> None:
@@ -209,37 +218,47 @@ def _advance(run: _Running, cand: tuple[Tensor, Tensor, Tensor], alpha: Tensor, 
 
 
 def _emit_beams(out: Decoded, run: _Running, ended: _Ended, done: Tensor, lp: float) -> None:
-    """Writes the answer of each finished image: its best ended hypothesis, else its best running one."""
+    """Writes the answers of each finished image: its M best ended hypotheses, and when fewer than M
+    ended (max_len reached), its best running ones after them (running beams are in score order)."""
+    M = ended.score.size(1)
     for j in done.nonzero().view(-1).tolist():
         i = int(run.live[j])
-        if int(ended.count[j]) > 0:
-            n_words = int(ended.length[j]) - 1  # drop <eos>
-            out.tokens[i] = ended.tokens[j, :n_words].tolist()
-            out.alphas[i] = ended.alphas[j, :n_words].clone()
-            out.scores[i] = float(ended.score[j])
-        else:  # beam 0 is the best: topk sorts
-            out.tokens[i] = run.history[j, 0].tolist()
-            out.alphas[i] = run.alphas[j, 0].clone()
-            out.scores[i] = float(_normalise(run.scores[j, 0], float(run.history.size(-1)), lp))
+        n_ended = int(torch.isfinite(ended.score[j]).sum())
+        for r in range(M):
+            row = i * M + r
+            if r < n_ended:
+                n_words = int(ended.length[j, r]) - 1  # drop <eos>
+                out.tokens[row] = ended.tokens[j, r, :n_words].tolist()
+                out.alphas[row] = ended.alphas[j, r, :n_words].clone()
+                out.scores[row] = float(ended.score[j, r])
+            else:
+                b = r - n_ended
+                out.tokens[row] = run.history[j, b].tolist()
+                out.alphas[row] = run.alphas[j, b].clone()
+                out.scores[row] = float(_normalise(run.scores[j, b], float(run.history.size(-1)), lp))
 
 
 @torch.inference_mode()
 def beam_search(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: int, unk_id: int,
-                cfg: DecodeConfig = DecodeConfig()) -> Decoded:
-    """Beam search, all beams of all images in one tensor; returns the best hypothesis per image.
+                cfg: DecodeConfig = DecodeConfig(), n_best: int = 1) -> Decoded:
+    """Beam search, all beams of all images in one tensor; returns the n_best best hypotheses per image.
 
-    An image is finished when K of its hypotheses have ended, or when no running beam can beat its
-    best ended one any more (that stop never changes the answer); it then leaves the batch. If no
-    hypothesis ends within max_len tokens, the best unfinished one is returned. Step 0 runs one
-    beam per image (all K would be identical), later steps run K.
+    Decoded holds N * n_best rows, image i's at rows i*n_best .. i*n_best + n_best - 1, best first
+    (n_best=1: one row per image). An image is finished when K of its hypotheses have ended, or when
+    no running beam can beat its n_best-th ended one any more (that stop never changes the answer);
+    it then leaves the batch. Ended hypotheses rank first; when fewer than n_best end within max_len
+    tokens, the best unfinished ones follow. Step 0 runs one beam per image (all K would be
+    identical), later steps run K.
     feats (N,P,C) features (or images (N,3,H,W), encoded first) -> Decoded.
     """
-    K, lp = cfg.beam_size, cfg.length_penalty
+    K, lp, M = cfg.beam_size, cfg.length_penalty, n_best
+    if not 1 <= M <= K:
+        raise ValueError(f"n_best must be between 1 and the beam size {K}, got {M}")
     decoder, run = _start(model, feats, sos_id)
     N, P = run.live.numel(), run.feats.size(1)
-    out = Decoded([[] for _ in range(N)], [0.0] * N, [run.alphas.new_zeros(0, P) for _ in range(N)])
-    ended = _Ended(score=run.scores.new_full((N,), -math.inf), tokens=run.words.new_zeros(N, cfg.max_len),
-                   length=run.words.new_zeros(N), alphas=run.scores.new_zeros(N, cfg.max_len, P),
+    out = Decoded([[] for _ in range(N * M)], [0.0] * (N * M), [run.alphas.new_zeros(0, P) for _ in range(N * M)])
+    ended = _Ended(score=run.scores.new_full((N, M), -math.inf), tokens=run.words.new_zeros(N, M, cfg.max_len),
+                   length=run.words.new_zeros(N, M), alphas=run.scores.new_zeros(N, M, cfg.max_len, P),
                    count=run.words.new_zeros(N))
     table = _word_gate_table(decoder, N * K * cfg.max_len)  # (V, G) or None
     for t in range(cfg.max_len):
@@ -252,10 +271,11 @@ def beam_search(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: int,
         cand = (cand_scores, cand_ids // V, cand_ids % V)  # scores, parent beam, token
         _record_ended(ended, run, cand, alpha, eos_id, K, lp)
         _advance(run, cand, alpha, eos_id, K)
-        # Finished: K ended, or nothing running can still beat the best ended hypothesis (summed
+        # Finished: K ended, or nothing running can still beat the n_best-th ended hypothesis (summed
         # log-probabilities only fall; with a length penalty the bound divides by the longest length).
         bound = _normalise(run.scores.max(dim=1).values, float(cfg.max_len) if lp else 1.0, lp)  # (n,)
-        done = (ended.count >= K) | ((ended.count > 0) & (ended.score >= bound)) | (t == cfg.max_len - 1)
+        last = ended.score[:, -1]  # (n,) the n_best-th ended score
+        done = (ended.count >= K) | (torch.isfinite(last) & (last >= bound)) | (t == cfg.max_len - 1)
         if bool(done.any()):
             _emit_beams(out, run, ended, done, lp)
             if bool(done.all()):
@@ -267,10 +287,11 @@ def beam_search(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: int,
 
 
 def decode(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: int, unk_id: int,
-           cfg: DecodeConfig = DecodeConfig()) -> Decoded:
-    """Greedy when cfg.beam_size == 1, beam search otherwise."""
-    fn = greedy_decode if cfg.beam_size == 1 else beam_search
-    return fn(model, feats, sos_id=sos_id, eos_id=eos_id, unk_id=unk_id, cfg=cfg)
+           cfg: DecodeConfig = DecodeConfig(), n_best: int = 1) -> Decoded:
+    """Greedy when cfg.beam_size == 1, beam search otherwise (n_best hypotheses per image, as beam_search)."""
+    if cfg.beam_size == 1 and n_best == 1:
+        return greedy_decode(model, feats, sos_id=sos_id, eos_id=eos_id, unk_id=unk_id, cfg=cfg)
+    return beam_search(model, feats, sos_id=sos_id, eos_id=eos_id, unk_id=unk_id, cfg=cfg, n_best=n_best)
 
 
 # -- sampling -----------------------------------------------------------------------------------

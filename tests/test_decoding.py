@@ -54,15 +54,18 @@ def test_a_batch_decodes_as_each_image_alone(beam_size):
         torch.testing.assert_close(alone.alphas[0], together.alphas[i], rtol=1e-4, atol=1e-5)
 
 
-def test_a_wide_beam_finds_the_exhaustive_best_caption():
-    # Vocabulary of 3 words + specials, at most 3 tokens: a beam of 64 keeps every hypothesis.
+def tiny_exhaustive_case():
+    """Vocabulary of 3 words + specials, at most 3 tokens: a beam of 64 keeps every hypothesis.
+
+    -> model, feats, every finished caption (tokens + <eos>), score(seq) = summed log-probabilities
+    without renormalisation (<sos>/<unk> get -inf, <pad> and the words keep log-softmax values).
+    """
     model = features_model(vocab_size=7, seed=4)
     with torch.no_grad():
         model.decoder.fc.bias[EOS] += 1.5
     feats = random_feats(1, seed=5)
-    words = [EOS, 4, 5, 6]
-    candidates = [list(s) + [EOS] for n in range(3) for s in itertools.product(words[1:], repeat=n)]
-    # Scores without renormalisation (<sos>/<unk> get -inf, the others keep log-softmax values).
+    allowed = [0, 4, 5, 6]  # <pad> is not forbidden by the search, so it counts as a word here
+    candidates = [list(s) + [EOS] for n in range(3) for s in itertools.product(allowed, repeat=n)]
     dec = model.decoder
     f, enc, h0, c0 = dec.prepare(feats)
 
@@ -75,12 +78,50 @@ def test_a_wide_beam_finds_the_exhaustive_best_caption():
                 word = torch.tensor([[tok]])
         return total
 
+    return model, feats, candidates, score
+
+
+def test_a_wide_beam_finds_the_exhaustive_best_caption():
+    model, feats, candidates, score = tiny_exhaustive_case()
     for penalty in (0.0, 1.0):
         cfg = M.DecodeConfig(beam_size=64, max_len=3, length_penalty=penalty)
         best = max(candidates, key=lambda s: score(s) / (len(s) ** penalty if penalty else 1.0))
         out = D.beam_search(model, feats, cfg=cfg, **IDS)
         assert out.tokens[0] + [EOS] == best
         assert out.scores[0] == pytest.approx(score(best) / (len(best) ** penalty if penalty else 1.0), abs=1e-4)
+
+
+def test_a_wide_beams_n_best_are_the_exhaustive_best_few():
+    model, feats, candidates, score = tiny_exhaustive_case()
+    for penalty in (0.0, 1.0):
+        norm = {tuple(s): score(s) / (len(s) ** penalty if penalty else 1.0) for s in candidates}
+        expected = sorted(norm, key=lambda s: -norm[s])[:6]
+        out = D.beam_search(model, feats, cfg=M.DecodeConfig(beam_size=64, max_len=3, length_penalty=penalty),
+                            n_best=6, **IDS)
+        assert [tuple(t) + (EOS,) for t in out.tokens] == expected
+        assert out.scores == pytest.approx([norm[s] for s in expected], abs=1e-4)
+        assert [a.shape for a in out.alphas] == [(len(s) - 1, 9) for s in expected]
+
+
+@pytest.mark.parametrize("extra", [{}, {"length_penalty": 0.7}])
+def test_n_best_gives_distinct_captions_ranked_by_score_the_first_as_the_single_best(extra):
+    model = lively(features_model())
+    feats = random_feats(4)
+    cfg = M.DecodeConfig(beam_size=4, max_len=10, **extra)
+    single = D.beam_search(model, feats, cfg=cfg, **IDS)
+    many = D.beam_search(model, feats, cfg=cfg, n_best=4, **IDS)
+    check_decoded(many, 16, 10)
+    for i in range(4):
+        rows = range(i * 4, i * 4 + 4)
+        assert len({tuple(many.tokens[r]) for r in rows}) == 4
+        scores = [many.scores[r] for r in rows]
+        assert scores == sorted(scores, reverse=True) and scores[0] > scores[-1]
+        assert many.tokens[i * 4] == single.tokens[i]
+        assert many.scores[i * 4] == pytest.approx(single.scores[i], abs=1e-5)
+        torch.testing.assert_close(many.alphas[i * 4], single.alphas[i])
+    assert D.decode(model, feats, cfg=cfg, n_best=4, **IDS).tokens == many.tokens
+    with pytest.raises(ValueError, match="n_best must be between 1 and the beam size 4, got 5"):
+        D.beam_search(model, feats, cfg=cfg, n_best=5, **IDS)
 
 
 def test_beam_search_terminates_on_an_untrained_model_and_returns_unfinished_captions():
