@@ -14,7 +14,6 @@ Letters in shape comments: P encoder positions, C channels, L decoded length, H/
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request) as
 # objects, and fastapi is imported inside create_app, where string annotations could not be resolved.
 import base64
-import dataclasses
 import io
 import ipaddress
 import logging
@@ -71,26 +70,23 @@ def read_upload(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES):
 def caption_image(captioner: test.Captioner, image, decode_cfg: DecodeConfig) -> dict:
     """Caption one PIL image: caption, words, score, the candidates and what the figure needs.
 
-    The candidates are the best caption of each beam width 1..K (distinct ones, best score first):
-    the search returns one hypothesis per image, and widths that disagree show how sure it was.
+    The candidates are the beam's own K best finished captions with their scores, best first (one
+    search, n_best=K); the caption is the first. Captions that read alike (they differ only in
+    tokens the text drops) are listed once.
     """
     x = captioner.transform(image).unsqueeze(0)  # (1, 3, H, W)
     vocab = captioner.vocab
-    ids = dict(sos_id=vocab.sos_id, eos_id=vocab.eos_id, unk_id=vocab.unk_id)
     with torch.inference_mode():
-        feats = captioner.model.features(x.to(captioner.device))  # (1, P, C)
-        best = decoding.decode(captioner.model, feats, cfg=decode_cfg, **ids)
-        found = {}
-        for k in range(1, decode_cfg.beam_size + 1):
-            out = best if k == decode_cfg.beam_size else decoding.decode(
-                captioner.model, feats, cfg=dataclasses.replace(decode_cfg, beam_size=k), **ids)
-            caption = " ".join(vocab.decode(out.tokens[0]))
-            found.setdefault(caption, {"caption": caption, "score": round(out.scores[0], 4), "beam_size": k})
-    words = vocab.decode(best.tokens[0])
-    candidates = sorted(found.values(), key=lambda c: -c["score"])
-    return {"caption": " ".join(words), "words": words, "score": round(best.scores[0], 4),
-            "candidates": candidates, "beam_size": decode_cfg.beam_size,
-            "_alphas": best.alphas[0].float().cpu(), "_input": x[0]}  # (L, P), (3, H, W)
+        out = decoding.decode(captioner.model, x.to(captioner.device), sos_id=vocab.sos_id, eos_id=vocab.eos_id,
+                              unk_id=vocab.unk_id, cfg=decode_cfg, n_best=decode_cfg.beam_size)
+    found = {}
+    for tokens, score in zip(out.tokens, out.scores):
+        caption = " ".join(vocab.decode(tokens))
+        found.setdefault(caption, {"caption": caption, "score": round(score, 4)})
+    words = vocab.decode(out.tokens[0])
+    return {"caption": " ".join(words), "words": words, "score": round(out.scores[0], 4),
+            "candidates": list(found.values()), "beam_size": decode_cfg.beam_size,
+            "_alphas": out.alphas[0].float().cpu(), "_input": x[0]}  # (L, P), (3, H, W)
 
 
 def attention_png(model_input, words: list[str], alphas) -> bytes:

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 import checkpoint
+import decoding
 import export
 import helpers_infer as hi
 import serve
@@ -96,8 +97,22 @@ def test_the_api_captions_a_photo_with_scores(url, kind):
     assert result["words"] == result["caption"].split()
     scores = [c["score"] for c in result["candidates"]]
     assert scores == sorted(scores, reverse=True) and all(s <= 0 for s in scores)
-    assert result["caption"] in [c["caption"] for c in result["candidates"]]
+    assert result["candidates"][0] == {"caption": result["caption"], "score": result["score"]}
+    assert len({c["caption"] for c in result["candidates"]}) == len(result["candidates"]) > 1
     assert "attention_png" not in result
+
+
+def test_the_candidates_are_the_beams_own_best_few(tiny_pt):
+    captioner = test_mod.load_captioner(tiny_pt, "cpu")
+    image = hi.photo("blue", 13)
+    cfg = DecodeConfig(beam_size=4)
+    result = serve.caption_image(captioner, image, cfg)
+    vocab = captioner.vocab
+    out = decoding.beam_search(captioner.model, captioner.transform(image).unsqueeze(0), cfg=cfg, n_best=4,
+                               sos_id=vocab.sos_id, eos_id=vocab.eos_id, unk_id=vocab.unk_id)
+    expected = [{"caption": " ".join(vocab.decode(t)), "score": round(s, 4)} for t, s in zip(out.tokens, out.scores)]
+    assert result["candidates"] == expected and len({c["caption"] for c in expected}) == 4
+    assert result["caption"] == expected[0]["caption"] and result["beam_size"] == 4
 
 
 def test_the_api_draws_the_attention_panels_on_request(url):
