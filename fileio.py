@@ -4,12 +4,18 @@ Every file the toolkit writes for a user (checkpoints, vocab.json, history.json,
 exported models) goes through `atomic_write`: the bytes go to a temporary file in the same folder
 (same file system, so the rename is atomic), are flushed and fsynced, and only then replace the
 target. At any moment the target is either the old file or the new one. If writing fails, the
-temporary file is removed and the old file is untouched.
+temporary file is removed and the old file is untouched. A process killed mid-write (SIGKILL, power
+loss) cannot remove its temporary file: the next write of the same target does (see
+`remove_stale_temporaries`), so a checkpoint-sized leftover does not stay forever.
+
+`refuse_to_replace` and `check_folder` are the checks made before a command writes anything:
+nothing a user made earlier disappears without being asked (`--overwrite`).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -19,7 +25,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
     """Call `write(f)` on a temporary binary file, then move it over `path` (fsynced)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    # The writer's pid in the name tells a later write whether this file is still being written.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -35,6 +43,67 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
         raise
     fsync_dir(path.parent)
     return path
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of `path` that no live process is writing; -> the removed ones.
+
+    A temporary file of `path` is `.NAME.pidPID.XXXX.tmp` (`.NAME.XXXX.tmp` before names carried
+    the pid). It is kept only while another live process PID may still rename it; one of this
+    process is stale too, since a process writes one target at a time (a container restarted
+    under the same pid must not keep its predecessor's leftovers forever).
+    """
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(?:pid(\d+)\.)?[^.]+\.tmp")
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or (match.group(1) and _another_live_process(int(match.group(1)))):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except FileNotFoundError:  # its writer renamed it in the meantime
+            pass
+    return removed
+
+
+def _another_live_process(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    if os.name != "posix":
+        return True  # no safe liveness probe (os.kill would terminate it on Windows): keep the file
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def refuse_to_replace(paths: list[Path], *, overwrite: bool, what: str, ways_out: str) -> list[Path]:
+    """Nothing a user made earlier disappears without being asked: unless `overwrite`, a ValueError
+    `"<first existing path> <what>; pass <ways_out>"` when any of `paths` exists; -> the existing ones."""
+    found = [Path(p) for p in paths if Path(p).exists()]
+    if found and not overwrite:
+        raise ValueError(f"{found[0]} {what}; pass {ways_out}")
+    return found
+
+
+def check_folder(folder: str | os.PathLike, flag: str) -> Path:
+    """`folder` as a place to write files into: ValueError when it, or a folder above it, is a file."""
+    folder = Path(folder)
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{flag} {folder}: {p} is a file, expected a folder")
+            break
+    return folder
 
 
 def replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -44,10 +44,10 @@ def earlier_run_files(cfg: TrainConfig) -> list[Path]:
 def protect_earlier_run(cfg: TrainConfig, d: Dist) -> None:
     """A new run never silently replaces an earlier one: refuse, or (--overwrite) remove it."""
     found = earlier_run_files(cfg)
-    if found and not cfg.overwrite:
-        where = "--weights_dir NEW" + (" / --graphs_dir NEW" if any(p.suffix == ".png" for p in found) else "")
-        raise ValueError(f"{found[0]} holds an earlier training run; pass --resume auto to continue "
-                         f"it, {where} for another run, or --overwrite to replace it")
+    where = "--weights_dir NEW" + (" / --graphs_dir NEW" if any(p.suffix == ".png" for p in found) else "")
+    fileio.refuse_to_replace(found, overwrite=cfg.overwrite, what="holds an earlier training run",
+                             ways_out=f"--resume auto to continue it, {where} for another run, or --overwrite "
+                                      f"to replace it")
     if not cfg.overwrite:
         return
     if d.is_main and found:
