@@ -179,7 +179,7 @@ class TrainConfig:
     features_root: str = "data/features"  # where cached encoder features are kept
     cache_features: bool = True         # frozen encoder: run the CNN once per image, cache it
     resume: str | None = None           # checkpoint path, or "auto" for <weights_dir>/last.pt
-    overwrite: bool = False             # a new run may replace an earlier run's files (else: refused)
+    overwrite: bool = False             # replace files an earlier train/eval/test/export wrote (else: refused)
     num_samples: int = 4                # validation captions shown per epoch (wandb/TensorBoard)
     objective: str = "xe"               # xe: cross-entropy (teacher forcing); scst: self-critical, CIDEr-D reward
     init_from: str | None = None        # start from this checkpoint's weights and vocabulary (fresh optimizer)

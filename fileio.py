@@ -95,13 +95,14 @@ def refuse_to_replace(paths: list[Path], *, overwrite: bool, what: str, ways_out
     return found
 
 
-def check_folder(folder: str | os.PathLike, flag: str) -> Path:
-    """`folder` as a place to write files into: ValueError when it, or a folder above it, is a file."""
+def check_folder(folder: str | os.PathLike, given: str) -> Path:
+    """`folder` as a place to write files into: ValueError `"<given>: <path> is a file, expected a
+    folder"` when it, or a folder above it, is a file (`given` names the flag and its value)."""
     folder = Path(folder)
     for p in (folder, *folder.parents):
         if p.exists():
             if not p.is_dir():
-                raise ValueError(f"{flag} {folder}: {p} is a file, expected a folder")
+                raise ValueError(f"{given}: {p} is a file, expected a folder")
             break
     return folder
 

@@ -173,13 +173,16 @@ def attention_paths(target: str | None, images: Sequence[str]) -> list[Path]:
     """
     stems = _unique_stems(images)
     if not target:
+        fileio.check_folder(DEFAULT_GRAPHS_DIR, "--attention_map")
         return [DEFAULT_GRAPHS_DIR / f"attention_{s}.png" for s in stems]
     t = Path(target)
     if t.is_dir() or t.suffix.lower() not in FIGURE_SUFFIXES:
         if t.suffix and not t.is_dir():
             raise ValueError(f"--attention_map {target}: expected a folder or a file ending in "
                              f"{', '.join(FIGURE_SUFFIXES)}")
+        fileio.check_folder(t, f"--attention_map {target}")
         return [t / f"attention_{s}.png" for s in stems]
+    fileio.check_folder(t.parent, f"--attention_map {target}")
     if len(stems) == 1:
         return [t]
     return [t.with_name(f"{t.stem}_{s}{t.suffix}") for s in stems]
@@ -196,9 +199,8 @@ def _unique_stems(images: Sequence[str]) -> list[str]:
     return out
 
 
-def save_attention_maps(captioner: Captioner, files: Sequence[Path], captions, target: str) -> list[Path]:
-    """One figure per photo, drawn on the crop the model saw so the attention grid lines up."""
-    paths = attention_paths(target, [str(p) for p in files])
+def save_attention_maps(captioner: Captioner, files: Sequence[Path], captions, paths: Sequence[Path]) -> list[Path]:
+    """One figure per photo (at `paths`), drawn on the crop the model saw so the attention grid lines up."""
     for path, file, cap in zip(paths, files, captions):
         photo = display_image(captioner.transform(open_image(file)))  # (H, W, 3)
         plots.save_attention_figure(path, photo, cap.words, cap.alphas, title=file.name)
@@ -215,26 +217,41 @@ def _check_output(output: str | None) -> None:
         raise ValueError(f"--output {output} is a folder, expected a .json file name")
     if Path(output).suffix.lower() != ".json":
         raise ValueError(f"--output {output}: expected a file name ending in .json")
+    fileio.check_folder(Path(output).parent, f"--output {output}")
+
+
+def _protect_earlier_files(output: str | None, figures: Sequence[Path], overwrite: bool) -> None:
+    """Nothing an earlier run wrote is replaced unless `overwrite` (the policy of training's files)."""
+    fileio.refuse_to_replace([Path(output)] if output is not None else [], overwrite=overwrite,
+                             what="exists", ways_out="--overwrite to replace it, or another --output FILE.json")
+    found = fileio.refuse_to_replace(figures, overwrite=overwrite, what="holds an earlier attention figure",
+                                     ways_out="--overwrite to replace it, or --attention_map NEW_FOLDER")
+    if found:
+        logger.warning("--overwrite: replacing the earlier attention figures %s", ", ".join(map(str, found)))
 
 
 def run_test(image_paths: Sequence[str], checkpoint, decode_cfg: DecodeConfig, *,
              output: str | None = None, attention_map: str | None = None, device: str = "auto",
-             batch_size: int = 16, num_workers: int = 0, threads: int | None = None) -> list[dict]:
+             batch_size: int = 16, num_workers: int = 0, threads: int | None = None,
+             overwrite: bool = False) -> list[dict]:
     """`--mode test`: caption the images, print them (or write JSON), draw attention maps.
 
     `attention_map` None: no figures; "" (the flag alone): default location in graphs/.
     Prints one caption per image (just the caption for a single image; `path<TAB>caption` for
     several). With `output`, writes a JSON list of {"image", "caption"} and prints its path.
+    An existing `output` or attention figure is refused (before the model loads) unless `overwrite`.
     """
     _check_output(output)
     if threads:
         torch.set_num_threads(threads)
     files = collect_images(image_paths)
+    figures = attention_paths(attention_map, [str(p) for p in files]) if attention_map is not None else []
+    _protect_earlier_files(output, figures, overwrite)
     captioner = load_captioner(checkpoint, device)
     captions = caption_files(captioner, files, decode_cfg, batch_size=batch_size, num_workers=num_workers)
     rows = [{"image": str(files[c.index]), "caption": " ".join(c.words)} for c in captions]
     if attention_map is not None:
-        for row, path in zip(rows, save_attention_maps(captioner, files, captions, attention_map)):
+        for row, path in zip(rows, save_attention_maps(captioner, files, captions, figures)):
             row["attention_map"] = str(path)
     if output is not None:
         fileio.write_json(output, rows)

@@ -96,15 +96,37 @@ def _grid_items(records, hypotheses: dict[str, str], per_image: dict, n: int) ->
     return items
 
 
+def _figure_paths(graphs_dir: Path, split: str) -> dict[str, Path]:
+    return {"histograms": graphs_dir / f"eval_{split}_scores.png", "grid": graphs_dir / f"eval_{split}_grid.png"}
+
+
+def _output_paths(checkpoint_path: Path, split: str, results_dir, graphs_dir,
+                  overwrite: bool) -> tuple[Path, Path]:
+    """(results_dir, graphs_dir), checked before anything is decoded: folders where files go, and no
+    earlier evaluation of the split replaced unless `overwrite` (the policy of training's files)."""
+    given = f"--results_dir {results_dir}" if results_dir is not None else "the checkpoint's folder"
+    results_dir = fileio.check_folder(checkpoint_path.parent if results_dir is None else results_dir, given)
+    graphs_dir = fileio.check_folder(graphs_dir, f"--graphs_dir {graphs_dir}")
+    results = [results_dir / f"eval_{split}.json", results_dir / f"captions_{split}.json"]
+    figures = list(_figure_paths(graphs_dir, split).values())
+    found = [p for p in results + figures if p.exists()]
+    keep = " / ".join(flag for flag, paths in (("--results_dir NEW", results), ("--graphs_dir NEW", figures))
+                      if set(paths) & set(found))
+    fileio.refuse_to_replace(found, overwrite=overwrite, what=f"holds an earlier evaluation of the {split} split",
+                             ways_out=f"--overwrite to replace it, or {keep} to keep it")
+    if found:
+        logger.warning("--overwrite: replacing the earlier evaluation's %s", ", ".join(map(str, found)))
+    return results_dir, graphs_dir
+
+
 def _draw_figures(records, hypotheses, scores: metrics.Scores, split: str, beam_size: int,
                   grid_images: int, graphs_dir: Path) -> dict[str, str]:
     label = f"{split} split, {len(hypotheses)} images, beam {beam_size}"
+    paths = _figure_paths(graphs_dir, split)
     hist = plots.save_figure(plots.score_histograms(scores.per_image, metrics.PER_IMAGE,
-                                                    title=f"per-image scores ({label})"),
-                             graphs_dir / f"eval_{split}_scores.png")
+                                                    title=f"per-image scores ({label})"), paths["histograms"])
     grid = plots.save_figure(plots.caption_grid(_grid_items(records, hypotheses, scores.per_image, grid_images),
-                                                title=f"generated vs reference ({label})"),
-                             graphs_dir / f"eval_{split}_grid.png")
+                                                title=f"generated vs reference ({label})"), paths["grid"])
     return {"histograms": str(hist), "grid": str(grid)}
 
 
@@ -150,17 +172,20 @@ def run_evaluation(checkpoint_path, data_cfg: DataConfig, decode_cfg: DecodeConf
                    features_dir=None, batch_size: int = 32, num_workers: int | None = None,
                    device: str = "auto", results_dir=None, graphs_dir=Path("graphs"),
                    grid_images: int = 6, use_java: bool | None = None, wandb_mode: str = "disabled",
-                   wandb_project: str = "captioner", wandb_entity: str | None = None) -> dict:
+                   wandb_project: str = "captioner", wandb_entity: str | None = None,
+                   overwrite: bool = False) -> dict:
     """`--mode eval`: decode every image of `split` once, score it, write results and pictures.
 
     Writes `eval_<split>.json` (metrics, how they were computed, decoding settings, checkpoint,
     image counts, timings, per-image scores) and `captions_<split>.json` (COCO results format:
     [{"image_id", "caption"}]) in `results_dir` (default: the checkpoint's folder), and
     `eval_<split>_scores.png` / `eval_<split>_grid.png` in `graphs_dir`. Prints the metrics
-    table. Returns the summary written to `eval_<split>.json`.
+    table. An earlier evaluation's files are refused (before decoding) unless `overwrite`.
+    Returns the summary written to `eval_<split>.json`.
     """
     _check_arguments(split, batch_size, grid_images)
     checkpoint_path = Path(checkpoint_path)
+    results_dir, graphs_dir = _output_paths(checkpoint_path, split, results_dir, graphs_dir, overwrite)
     captioner = captioning.load_captioner(checkpoint_path, device, need_encoder=False)
     features_dir = _features_dir(captioner, checkpoint_path, features_dir)
     splits, records = _split_records(data_cfg, split)
@@ -176,12 +201,11 @@ def run_evaluation(checkpoint_path, data_cfg: DataConfig, decode_cfg: DecodeConf
     scores = metrics.score_captions(references, hypotheses, use_java=use_java)
     summary = _summary(split, splits, data_cfg, features_dir, checkpoint_path, captioner, decode_cfg,
                        hypotheses, skipped, references, scores, (t1 - t0, time.perf_counter() - t1))
-    results_dir = Path(results_dir) if results_dir is not None else checkpoint_path.parent
     eval_path, captions_path = results_dir / f"eval_{split}.json", results_dir / f"captions_{split}.json"
     summary["results_file"] = str(captions_path)
     fileio.write_json(captions_path, [{"image_id": k, "caption": v} for k, v in hypotheses.items()])
     summary["figures"] = _draw_figures(records, hypotheses, scores, split, decode_cfg.beam_size,
-                                       grid_images, Path(graphs_dir))
+                                       grid_images, graphs_dir)
     fileio.write_json(eval_path, summary)
     _print_report(summary, eval_path)
     if wandb_mode != "disabled":

@@ -212,3 +212,43 @@ def test_bad_input_is_one_line_error_exit_2(case, expected, ckpt, photos, tmp_pa
     assert out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+
+
+# ---------------------------------------------------------------- nothing earlier is replaced silently
+
+def _never_loads(*args, **kwargs):
+    pytest.fail("the model was loaded before the outputs were checked")
+
+
+def test_an_earlier_output_or_attention_figure_is_refused_before_the_model_loads(ckpt, photos, tmp_path,
+                                                                                monkeypatch):
+    output, figures = tmp_path / "captions.json", tmp_path / "maps"
+    captioning.run_test([str(photos)], ckpt, DecodeConfig(beam_size=2), output=str(output),
+                        attention_map=str(figures), device="cpu")
+    before = {p: p.read_bytes() for p in [output, *figures.iterdir()]}
+    inode = (figures / "attention_red1.png").stat().st_ino
+    assert len(before) == 4
+    monkeypatch.setattr(captioning, "load_captioner", _never_loads)
+    with pytest.raises(ValueError) as info:
+        captioning.run_test([str(photos)], ckpt, DecodeConfig(), output=str(output), device="cpu")
+    assert str(info.value) == f"{output} exists; pass --overwrite to replace it, or another --output FILE.json"
+    with pytest.raises(ValueError, match=f"^{figures / 'attention_blue1.png'} holds an earlier attention "
+                                         "figure; pass --overwrite to replace it, or --attention_map NEW_FOLDER$"):
+        captioning.run_test([str(photos)], ckpt, DecodeConfig(), output=str(tmp_path / "new.json"),
+                            attention_map=str(figures), device="cpu")
+    assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "new.json").exists()
+    monkeypatch.undo()
+    rows = captioning.run_test([str(photos / "red1.jpg")], ckpt, DecodeConfig(), output=str(output),
+                               attention_map=str(figures), device="cpu", overwrite=True)
+    assert json.loads(output.read_text()) == rows and len(rows) == 1  # replaced, as asked
+    assert (figures / "attention_red1.png").stat().st_ino != inode  # written anew (atomic replace)
+
+
+@pytest.mark.parametrize("flag", ["output", "attention_map"])
+def test_a_file_where_a_folder_must_be_is_refused_before_the_model_loads(flag, ckpt, photos, tmp_path,
+                                                                          monkeypatch):
+    (tmp_path / "notes").write_text("a file, not a folder")
+    target = tmp_path / "notes" / "out.json" if flag == "output" else tmp_path / "notes"
+    monkeypatch.setattr(captioning, "load_captioner", _never_loads)
+    with pytest.raises(ValueError, match=f"--{flag} {target}: {tmp_path / 'notes'} is a file, expected a folder"):
+        captioning.run_test([str(photos)], ckpt, DecodeConfig(), device="cpu", **{flag: str(target)})

@@ -204,6 +204,47 @@ def test_eval_on_a_features_directory(tiny_set, tmp_path, tmp_path_factory, monk
         test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(), use_java=False, device="cpu")
 
 
+def _never_decodes(*args, **kwargs):
+    pytest.fail("the split was decoded before the outputs were checked")
+
+
+def test_an_earlier_evaluation_is_refused_before_decoding_and_replaced_with_overwrite(tiny_set, ckpt, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg, results, graphs = data_cfg(tiny_set), tmp_path / "results", tmp_path / "graphs"
+    run = dict(split="test", results_dir=results, graphs_dir=graphs, use_java=False, device="cpu", grid_images=2)
+    test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(beam_size=2), **run)
+    files = [results / "eval_test.json", results / "captions_test.json", graphs / "eval_test_scores.png",
+             graphs / "eval_test_grid.png"]
+    before = {p: p.read_bytes() for p in files}
+    monkeypatch.setattr(decoding, "caption_loader", _never_decodes)
+    with pytest.raises(ValueError) as info:
+        test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(beam_size=1), **run)
+    assert str(info.value) == (f"{files[0]} holds an earlier evaluation of the test split; pass --overwrite to "
+                               "replace it, or --results_dir NEW / --graphs_dir NEW to keep it")
+    # A new results folder is not enough: the pictures of the split would still be replaced.
+    with pytest.raises(ValueError, match=f"^{files[2]} holds an earlier evaluation .* or --graphs_dir NEW to keep"):
+        test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(beam_size=1), **{**run, "results_dir": tmp_path / "r2"})
+    assert {p: p.read_bytes() for p in files} == before and not (tmp_path / "r2").exists()
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    summary = test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(beam_size=1), overwrite=True, **run)
+    assert json.loads(files[0].read_text())["decoding"]["beam_size"] == summary["decoding"]["beam_size"] == 1
+
+
+@pytest.mark.parametrize("flag", ["--results_dir", "--graphs_dir"])
+def test_a_file_given_as_an_output_folder_is_refused_before_decoding(flag, tiny_set, ckpt, tmp_path, monkeypatch,
+                                                                     capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes").write_text("a file, not a folder")
+    monkeypatch.setattr(decoding, "caption_loader", _never_decodes)
+    rc = main.main(["--mode", "eval", "--dataset_path", str(tiny_set), "--checkpoint", str(ckpt), "--no-java",
+                    "--split_sizes", "4", "2", "--min_word_freq", "1", "--num_workers", "0",
+                    "--results_dir", str(tmp_path / "results"), flag, "notes"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"error: {flag} notes: notes is a file, expected a folder\n"
+
+
 def test_histograms_keep_per_image_scores_and_draw_density_curves(tmp_path):
     rng = np.random.default_rng(0)
     per = {str(i): {"BLEU-4": float(rng.random()), "METEOR": None, "ROUGE-L": float(rng.random()),

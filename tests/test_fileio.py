@@ -84,7 +84,8 @@ def test_refuse_to_replace_names_the_file_and_the_ways_out(tmp_path):
 
 def test_check_folder_refuses_a_file_in_the_way(tmp_path):
     (tmp_path / "notes").write_text("a file")
-    assert fileio.check_folder(tmp_path / "new" / "deeper", "--results_dir") == tmp_path / "new" / "deeper"
+    assert fileio.check_folder(tmp_path / "new" / "deeper", "--results_dir new") == tmp_path / "new" / "deeper"
     for folder in (tmp_path / "notes", tmp_path / "notes" / "sub"):
-        with pytest.raises(ValueError, match=f"--results_dir {folder}: {tmp_path / 'notes'} is a file, expected a folder"):
-            fileio.check_folder(folder, "--results_dir")
+        with pytest.raises(ValueError) as info:
+            fileio.check_folder(folder, f"--results_dir {folder}")
+        assert str(info.value) == f"--results_dir {folder}: {tmp_path / 'notes'} is a file, expected a folder"
