@@ -176,9 +176,12 @@ def _record_ended(ended: _Ended, run: _Running, cand: tuple[Tensor, Tensor, Tens
     if not bool(ends.any()):
         return
     ended.count += ends.sum(dim=1)
-    rows = ends.any(dim=1).nonzero().view(-1)  # (m,) images with a hypothesis ending now
-    norm = torch.where(ends[rows], _normalise(cand_scores[rows], float(t + 1), lp), -math.inf)  # (m, 2K)
-    new_score, j = torch.sort(norm, dim=1, descending=True, stable=True)
+    norm = torch.where(ends, _normalise(cand_scores, float(t + 1), lp), -math.inf)  # (n, 2K)
+    # Only images where one beats the M-th kept hypothesis change (a tie keeps the earlier one).
+    rows = (norm.max(dim=1).values > ended.score[:, -1]).nonzero().view(-1)  # (m,)
+    if not rows.numel():
+        return
+    new_score, j = torch.sort(norm[rows], dim=1, descending=True, stable=True)
     new_score, p = new_score[:, :M], parent[rows].gather(1, j[:, :M])  # (m, M') M' = min(M, 2K)
     new_tokens = ended.tokens.new_full((rows.numel(), p.size(1), ended.tokens.size(-1)), eos_id)
     new_tokens[..., :t] = run.history[rows.unsqueeze(1), p]  # (m, M', max_len)
