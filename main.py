@@ -269,7 +269,8 @@ def _test(args: argparse.Namespace) -> int:
 
     test.run_test(args.image_path, _checkpoint(args, cfgs), cfgs.decode, output=args.output,
                   attention_map=args.attention_map, device=cfgs.train.device,
-                  threads=cfgs.train.threads, **_typed(args, "batch_size", "num_workers"))
+                  threads=cfgs.train.threads, overwrite=cfgs.train.overwrite,
+                  **_typed(args, "batch_size", "num_workers"))
     return 0
 
 
@@ -282,7 +283,7 @@ def _eval(args: argparse.Namespace) -> int:
         _checkpoint(args, cfgs), cfgs.data, cfgs.decode, split=args.split, features_dir=t.features_dir,
         device=t.device, results_dir=args.results_dir, graphs_dir=t.graphs_dir,
         grid_images=args.grid_images, use_java=args.java, wandb_mode=t.wandb, wandb_project=t.wandb_project,
-        wandb_entity=t.wandb_entity, **_typed(args, "batch_size", "num_workers"))
+        wandb_entity=t.wandb_entity, overwrite=t.overwrite, **_typed(args, "batch_size", "num_workers"))
     return 0
 
 

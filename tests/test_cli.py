@@ -182,3 +182,17 @@ def test_dry_run_prints_the_data_summary_and_trains_nothing(kaggle_set, capsys, 
     assert rc == 0, err
     summary = json.loads(out)
     assert summary["layout"] == "kaggle" and summary["images"] == {"train": 4, "val": 1, "test": 1}
+
+
+def test_eval_twice_refuses_to_replace_the_first_results_unless_overwrite(ckpt, kaggle_set, tmp_path, capsys,
+                                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--mode", "eval", "--dataset_path", str(kaggle_set), "--checkpoint", str(ckpt), "--min_word_freq", "1",
+            "--num_workers", "0", "--wandb", "disabled", "--no-java", "--split_sizes", "2", "2",
+            "--results_dir", str(tmp_path / "results")]
+    assert run_cli(argv, capsys)[0] == 0
+    first = (tmp_path / "results" / "eval_test.json").read_bytes()
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 2 and "--overwrite" in one_error_line(err)
+    assert (tmp_path / "results" / "eval_test.json").read_bytes() == first
+    assert run_cli([*argv, "--overwrite"], capsys)[0] == 0

@@ -441,7 +441,7 @@ def test_dry_run_of_the_demo_set_through_the_cli(tmp_path, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def hf_sets(tmp_path_factory):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a declared requirement: missing is a failure, never a skip
     tmp = tmp_path_factory.mktemp("hf")
     images = [Image.new("RGB", (12, 12), (20 * i, 0, 0)) for i in range(10)]
     columns = {f"caption_{j}": [f"a red square number {i} view {j}" for i in range(10)] for j in range(5)}
