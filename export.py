@@ -155,6 +155,16 @@ def _metric_lines(eval_metrics: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _licence_note(ckpt: dict) -> str:
+    data = ckpt.get("data_config") or {}
+    if data and not data.get("dataset_path") and not data.get("hf_dataset"):
+        return ("The training data is the toolkit's own generated demo set (synthetic shapes): no photo "
+                "licence applies.")
+    return ("The Flickr8k photos and captions are for research use only (see the data set's terms); "
+            "they are not part of this folder, but the weights were learnt from them. Check the terms of "
+            "your training data before using this model beyond research.")
+
+
 def model_card(config: dict, ckpt: dict, eval_metrics: dict[str, dict], name: str, source: str | None) -> str:
     """The exported folder's README.md."""
     cfg = checkpoint.model_config_from_dict(config["model_config"])
@@ -174,10 +184,7 @@ def model_card(config: dict, ckpt: dict, eval_metrics: dict[str, dict], name: st
              "## How to caption with it", *usage, "",
              f"Files: `{checkpoint.WEIGHTS_FILE}` (tensors), `{checkpoint.VOCAB_FILE}`, `{checkpoint.CONFIG_FILE}` (model config, preprocessing, "
              f"default decoding, format version {checkpoint.FORMAT_VERSION}).", "",
-             "## Licence note",
-             "The Flickr8k photos and captions are for research use only (see the data set's terms); "
-             "they are not part of this folder, but the weights were learnt from them. Check the terms of "
-             "your training data before using this model beyond research.", ""]
+             "## Licence note", _licence_note(ckpt), ""]
     return "\n".join(lines)
 
 

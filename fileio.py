@@ -29,6 +29,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
     # The writer's pid in the name tells a later write whether this file is still being written.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file private (0600); what the user asked for is an ordinary file.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -105,6 +107,13 @@ def check_folder(folder: str | os.PathLike, given: str) -> Path:
                 raise ValueError(f"{given}: {p} is a file, expected a folder")
             break
     return folder
+
+
+def _umask() -> int:
+    """The process's umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -233,7 +233,8 @@ class AttentionDecoder(nn.Module):
     per image; captions are sorted by length and the batch shrinks to the captions still running;
     the embedding's share of the first layer's gates and the output projection run once for all
     steps as large matrix products. On CPU under grad the loop runs through cpu_recurrence.py (a
-    hand-written backward through time, 1.45x there) unless the caller turns it off.
+    hand-written backward through time; bench/bench_decoder.py times both paths) unless the
+    caller turns it off.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:

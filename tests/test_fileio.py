@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -89,3 +90,12 @@ def test_check_folder_refuses_a_file_in_the_way(tmp_path):
         with pytest.raises(ValueError) as info:
             fileio.check_folder(folder, f"--results_dir {folder}")
         assert str(info.value) == f"--results_dir {folder}: {tmp_path / 'notes'} is a file, expected a folder"
+
+
+def test_written_files_get_the_umask_permissions_not_the_temp_files_private_ones(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = fileio.write_json(tmp_path / "shared.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
