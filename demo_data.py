@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fileio import fsync_dir, replace, write_json
+from fileio import publish_folder, write_json
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +158,4 @@ def ensure_demo_dataset(root: str | os.PathLike | None = None, spec: DemoSpec | 
     _write_demo(tmp, spec)
     if root.exists():
         shutil.rmtree(root)
-    try:
-        replace(tmp, root)
-    except OSError:   # another process finished first (e.g. a DDP rank): keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (root / _DEMO_MARKER).is_file():
-            raise
-    fsync_dir(root.parent)
-    return root
+    return publish_folder(tmp, root, _DEMO_MARKER)

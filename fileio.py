@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import re
 import tempfile
 from pathlib import Path
@@ -107,6 +108,21 @@ def check_folder(folder: str | os.PathLike, given: str) -> Path:
                 raise ValueError(f"{given}: {p} is a file, expected a folder")
             break
     return folder
+
+
+def publish_folder(tmp: str | os.PathLike, root: str | os.PathLike, marker: str) -> Path:
+    """Rename a folder written aside (`tmp`) into place as `root`, the folder counterpart of
+    atomic_write. When another process (a DDP rank) finished the same folder first, its copy,
+    recognised by its `marker` file, is kept and ours is dropped."""
+    tmp, root = Path(tmp), Path(root)
+    try:
+        replace(tmp, root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / marker).is_file():
+            raise
+    fsync_dir(root.parent)
+    return root
 
 
 def _umask() -> int:

@@ -19,7 +19,7 @@ from typing import Sequence
 from PIL import Image
 
 from config import DataConfig
-from fileio import fsync_dir, replace, write_json
+from fileio import publish_folder, write_json
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +150,7 @@ def materialise_hf_dataset(cfg: DataConfig) -> Path:
     (tmp / "images").mkdir(parents=True)
     entries = _entries(parts, image_column, caption_columns, split_column, tmp / "images", datasets)
     write_json(tmp / MARKER, {"dataset": cfg.hf_dataset, "images": entries})
-    try:
-        replace(tmp, root)
-    except OSError:   # another process finished first (e.g. a DDP rank): keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (root / MARKER).is_file():
-            raise
-    fsync_dir(root.parent)
-    return root
+    return publish_folder(tmp, root, MARKER)
 
 
 def _write_image(value, folder: Path, fallback: str, used: set[str]) -> str | None:

@@ -23,18 +23,11 @@ import features
 import main as cli
 import train
 from test_train import assert_same_state, configs, make_dataset, weights_of
+from helpers_infer import one_torch_thread  # noqa: F401  (autouse: one thread, tiny models)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Timings differ between any two runs; every other field of a history row must be equal.
 TIMINGS = ("seconds", "captions_per_s")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

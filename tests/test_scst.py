@@ -23,20 +23,13 @@ import scst
 import train
 from config import TrainConfig
 from text import Vocabulary
+from helpers_infer import one_torch_thread  # noqa: F401  (autouse: one thread, tiny models)
 
 COLOURS = ("red", "green", "blue")
 # Five captions per colour: the colour and the thing vary, so CIDEr-D rewards naming both.
 CAPTIONS = ("a {c} square", "a {c} square on a wall", "the {c} box", "a small {c} square",
             "a {c} square on the wall")
 TIMINGS = ("seconds", "captions_per_s")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

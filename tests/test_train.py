@@ -28,6 +28,7 @@ import model as model_lib
 import run_files
 import run_logging
 import train
+from helpers_infer import one_torch_thread  # noqa: F401  (autouse: one thread, tiny models)
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 40, 220)}
@@ -49,15 +50,6 @@ def make_dataset(root: Path, n: int = 24) -> Path:
         rows += [f"im{i:03d}.jpg,a {colour} square", f"im{i:03d}.jpg,a {colour} square on a wall"]
     (root / "captions.txt").write_text("\n".join(rows) + "\n")
     return root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and kinder to a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
