@@ -4,12 +4,14 @@ The README promises coco-caption's metrics; ranges would pass a scorer that is w
 these cases are small enough to compute on paper (the arithmetic is in each test's comment).
 """
 import math
+import types
 
 import numpy as np
 import pytest
 
 import metrics
 import plots
+import run_logging
 
 needs_java = pytest.mark.skipif(not metrics.java_available(), reason="Java is not installed (METEOR needs it)")
 
@@ -99,3 +101,17 @@ def test_the_attention_figure_has_the_photo_and_one_panel_per_word():
     panels = [ax for ax in fig.axes if ax.images]
     assert len(panels) == 1 + len(words)
     assert [ax.get_title() for ax in panels[1:]] == words
+
+
+def test_wandb_sample_figures_are_all_one_size_whatever_the_caption_length():
+    # wandb warns "Images sizes do not match" at every epoch when logged images differ in size.
+    fake = types.SimpleNamespace(Image=lambda array, caption=None: array)
+    rng = np.random.default_rng(0)
+    samples = []
+    for n_words, side in ((2, 32), (9, 48), (17, 64)):
+        alphas = rng.random((n_words, 16)).astype(np.float32)
+        samples.append({"photo": np.zeros((side, side, 3)), "words": ["w"] * n_words,
+                        "alphas": alphas / alphas.sum(axis=1, keepdims=True), "caption": "w " * n_words})
+    samples.append({"photo": None, "words": ["x"], "alphas": None, "caption": "no photo: not logged"})
+    images = run_logging._wandb_samples(fake, samples)
+    assert len(images) == 3 and len({im.shape for im in images}) == 1
