@@ -13,16 +13,14 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 import checkpoint as ck
 import data_utils
-import features
 import main as cli
 import train
 from test_train import assert_same_state, configs, make_dataset, weights_of
+from test_train import feature_dir  # noqa: F401  (fixture: random features of the data set's images)
 from helpers_infer import one_torch_thread  # noqa: F401  (autouse: one thread, tiny models)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,16 +31,6 @@ TIMINGS = ("seconds", "captions_per_s")
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "set")
-
-
-@pytest.fixture(scope="module")
-def feature_dir(dataset, tmp_path_factory) -> Path:
-    """Random features (P=4, C=8) of the data set's images: no CNN, light subprocesses."""
-    out = tmp_path_factory.mktemp("feats") / "feats"
-    names = sorted(p.name for p in (dataset / "Images").iterdir())
-    rng = np.random.default_rng(0)
-    features.write_features(out, names, [rng.random((len(names), 4, 8), dtype=np.float32)], 4, 8)
-    return out
 
 
 def train_argv(dataset: Path, feature_dir: Path, out: Path, *extra: str) -> list[str]:
