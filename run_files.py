@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 # What a training run writes; a new run refuses to start over them (see protect_earlier_run).
 RUN_FILES = ("last.pt", "best.pt", "history.json")
-GRAPH_FILES = ("loss.png", "bleu.png")
+GRAPH_FILES = ("loss.png", "bleu.png", "cider.png", "sample_length.png")
 
 
 def resolve_resume(resume: str | None, weights_dir: Path) -> Path | None:

@@ -36,8 +36,10 @@ def progress(iterable=None, show: bool = True, **kwargs):
 def epoch_line(row: dict, epochs: int) -> str:
     """One log line per epoch: losses, accuracies, BLEU, rate, time and what was skipped."""
     bleu = "/".join(f"{row[f'bleu{n}']:.3f}" for n in range(1, 5))
+    # Self-critical training has no teacher-forced accuracy of its own (its loss is REINFORCE's).
+    acc = "" if "reward" in row else f"acc {row['acc']:.3f} "
     line = (f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} val_loss {row['val_loss']:.4f} "
-            f"acc {row['acc']:.3f} val_acc {row['val_acc']:.3f} BLEU-1..4 {bleu} "
+            f"{acc}val_acc {row['val_acc']:.3f} BLEU-1..4 {bleu} "
             f"lr {row['lr']:.2e} time {row['seconds']:.1f}s {row['captions_per_s']:.0f} captions/s")
     if "cider" in row:
         line += f" CIDEr-D {row['cider']:.3f}"

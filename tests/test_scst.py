@@ -20,6 +20,7 @@ import features
 import main as cli
 import model as model_lib
 import scst
+import run_logging
 import train
 from config import TrainConfig
 from text import Vocabulary
@@ -224,3 +225,14 @@ def test_bad_scst_flags_are_one_line_errors(data, xe_checkpoint, tmp_path, capsy
     assert cli.main(_main_args(data, tmp_path, *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
+
+
+def test_the_scst_epoch_line_shows_reward_and_baseline_and_no_teacher_forced_accuracy():
+    row = {"epoch": 2, "loss": -0.5, "val_loss": 4.1, "acc": 0.0, "val_acc": 0.34, "lr": 5e-5, "seconds": 10.0,
+           "captions_per_s": 70.0, "cider": 0.378, "reward": 0.205, "baseline": 0.2, "sample_len": 9.7,
+           **{f"bleu{n}": 0.1 * n for n in range(1, 5)}}
+    line = run_logging.epoch_line(row, 3)
+    assert " acc " not in line and "val_acc 0.340" in line
+    assert "CIDEr-D 0.378 reward 0.205 baseline 0.200 sample_len 9.7" in line
+    assert " acc 0.000 " in run_logging.epoch_line({k: v for k, v in row.items()
+                                                     if k not in ("reward", "baseline", "sample_len")}, 3)
