@@ -321,11 +321,11 @@ def config_differences(saved: dict, requested: Any, ignore: tuple[str, ...] = ()
 
 
 def check_model_config(ckpt: dict, requested: Any, path: str | os.PathLike = "checkpoint",
-                       ignore: tuple[str, ...] = INIT_ONLY_FIELDS) -> None:
+                       ignore: tuple[str, ...] = INIT_ONLY_FIELDS, *,
+                       way_out: str = "pass the same model flags, or start a new run without --resume") -> None:
     """Raise ValueError naming every model-config field where `ckpt` and `requested` differ."""
     diffs = config_differences(ckpt["model_config"], requested, ignore=ignore)
     if diffs:
         listed = "; ".join(f"{k}: checkpoint {old!r} vs requested {new!r}"
                            for k, (old, new) in diffs.items())
-        raise ValueError(f"{path} does not match the requested model ({listed}); pass the same "
-                         f"model flags, or start a new run without --resume")
+        raise ValueError(f"{path} does not fit the requested model ({listed}); {way_out}")

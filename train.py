@@ -571,12 +571,9 @@ def _build_model(run: Run, ckpt: dict | None, resume_path: Path | None) -> None:
 
 def _check_init_fits(init: dict, model_cfg, path: str) -> None:
     """--init_from's model must be the requested one (weights of another shape cannot load)."""
-    ignore = ckpt_lib.INIT_ONLY_FIELDS + ("encoder_from_scratch",)
-    diffs = ckpt_lib.config_differences(init["model_config"], model_cfg, ignore=ignore)
-    if diffs:
-        listed = "; ".join(f"{k}: checkpoint {old!r} vs requested {new!r}" for k, (old, new) in diffs.items())
-        raise ValueError(f"--init_from {path} does not fit the requested model ({listed}); pass the "
-                         f"model flags of the run that trained it")
+    ckpt_lib.check_model_config(init, model_cfg, f"--init_from {path}",
+                                ignore=ckpt_lib.INIT_ONLY_FIELDS + ("encoder_from_scratch",),
+                                way_out="pass the model flags of the run that trained it")
 
 
 def _make_loaders(run: Run) -> None:
