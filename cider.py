@@ -235,3 +235,9 @@ class CiderD:
         np.add.at(dots, slot, contrib)
         return dots.reshape(len(ref_index), ORDERS, max_refs)
 
+
+def corpus_cider(candidates: Sequence[Tokens], references: Sequence[Sequence[Tokens]]) -> float:
+    """coco-caption's corpus CIDEr-D: document frequencies from these very references."""
+    if not candidates:
+        return 0.0
+    return float(CiderD(references).score(candidates, references).mean())

@@ -58,13 +58,6 @@ def leave_one_out_mean(rewards: np.ndarray, k: int) -> np.ndarray:
     return ((r.sum(axis=1, keepdims=True) - r) / (k - 1)).reshape(-1)
 
 
-def corpus_cider(candidates: list[Tokens], references: list[list[Tokens]]) -> float:
-    """coco-caption's corpus CIDEr-D: document frequencies from these very references."""
-    if not candidates:
-        return 0.0
-    return float(CiderD(references).score(candidates, references).mean())
-
-
 class ScstObjective:
     """The SCST loss of a batch of images: train.train_step's `objective`.
 

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 import checkpoint as ckpt_lib
+from cider import corpus_cider
 from config import DecodeConfig, TrainConfig
 import data_utils
 import decoding
@@ -286,7 +287,7 @@ def validate(caption_loader, image_loader, model: nn.Module, vocab, device: torc
     hypotheses = {records[c.index].name: " ".join(c.words) for c in captions}
     references = {records[c.index].name: [" ".join(t) for t in records[c.index].tokens] for c in captions}
     bleu = corpus_bleu(references, hypotheses) if hypotheses else [0.0] * 4
-    cider_d = scst.corpus_cider([c.words for c in captions], [records[c.index].tokens for c in captions])
+    cider_d = corpus_cider([c.words for c in captions], [records[c.index].tokens for c in captions])
     samples = [{"name": records[c.index].name, "path": str(records[c.index].path),
                 "caption": " ".join(c.words), "words": c.words,
                 "references": references[records[c.index].name], "alphas": c.alphas}
