@@ -19,6 +19,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from config import DecodeConfig
+from devices import autocast, to_device
 from model import AttentionDecoder, CaptionModel
 
 
@@ -355,12 +356,14 @@ def caption_loader(model: CaptionModel, loader, vocab, cfg: DecodeConfig, device
     device = torch.device(device)
     captions: list[Caption] = []
     skipped = 0
-    for batch in tqdm(loader, desc=desc, disable=not show_progress, leave=False, dynamic_ncols=True):
+    # disable only when hidden: an explicit disable=False would override TQDM_DISABLE.
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, **({} if show_progress else {"disable": True}))
+    for batch in bar:
         skipped += batch.n_skipped
         if len(batch) == 0:
             continue
-        inputs = batch.inputs.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        inputs = to_device(batch.inputs, device)
+        with autocast(device, amp_dtype):
             out = decode(model, inputs, sos_id=vocab.sos_id, eos_id=vocab.eos_id, unk_id=vocab.unk_id, cfg=cfg)
         for index, tokens, score, alphas in zip(batch.image_idx.tolist(), out.tokens, out.scores, out.alphas):
             captions.append(Caption(int(index), vocab.decode(tokens), score, alphas.float().cpu()))
