@@ -38,9 +38,7 @@ def export_model(ckpt: dict, out_dir: str | os.PathLike, *, eval_metrics: dict[s
     A folder that exists and holds anything is refused unless `overwrite`; then only the four
     export files are replaced and anything else in it is left alone.
     """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output {out} is a file, expected a folder for the exported model")
+    out = fileio.check_folder(out_dir, f"--output {out_dir}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--output {out} exists and is not empty; choose a new folder, or pass "
                          f"--overwrite to replace its model files")

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
