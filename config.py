@@ -20,6 +20,7 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 OBJECTIVES = ("xe", "scst")
+SELECTION_SCORES = ("cider", "bleu4")
 SCST_BASELINES = ("mean", "greedy")
 
 
@@ -48,6 +49,8 @@ class ModelConfig:
     decoder_dim: int = 512                # H, LSTM hidden size of each layer
     num_layers: int = 2                   # stacked LSTM layers
     dropout: float = 0.5                  # between LSTM layers and before the output projection
+    embed_dropout: float = 0.3            # on the word embeddings (the first layer's input)
+    feature_dropout: float = 0.3          # on the encoder features, before attention and the initial state
     alpha_c: float = 1.0                  # weight of the doubly stochastic attention regularisation
 
     def __post_init__(self) -> None:
@@ -74,8 +77,9 @@ class ModelConfig:
                              f"got {self.image_size}")
         if self.encoder_proj_dim < 0:
             raise ValueError(f"encoder_proj_dim must be 0 (off) or a positive channel count, got {self.encoder_proj_dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "embed_dropout", "feature_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.alpha_c < 0:
             raise ValueError(f"alpha_c must be >= 0, got {self.alpha_c}")
 
@@ -150,13 +154,15 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     optimizer: str = "adamw"            # adamw (decoupled weight decay) or adam
-    lr: float = 5e-4                    # decoder learning rate
+    lr: float = 1e-3                    # decoder learning rate
     encoder_lr: float = 1e-4            # encoder learning rate, used with fine_tune_encoder
     weight_decay: float = 1e-2          # AdamW weight decay (torch's default); adam: L2
     batch_size: int = 128               # captions per step (per process under DDP)
     epochs: int = 100                   # upper bound; early stopping usually ends sooner
-    patience: int = 5                   # epochs without a better val BLEU-4 before stopping
-    lr_patience: int = 2                # epochs without a better val BLEU-4 before the lr drops
+    patience: int = 5                   # epochs without a better validation score (select_by) before stopping
+    lr_patience: int = 2                # epochs without a better validation score before the lr drops
+    select_by: str = "cider"            # validation score of greedy captions (CIDEr-D or BLEU-4) that picks best.pt
+    label_smoothing: float = 0.1        # cross-entropy target smoothing (training loss only)
     lr_factor: float = 0.5              # ReduceLROnPlateau: lr *= factor on a plateau
     grad_clip: float = 5.0              # max global gradient norm; 0 turns clipping off
     max_bad_steps: int = 5              # NaN/inf losses in a row that stop training
@@ -190,6 +196,9 @@ class TrainConfig:
     def __post_init__(self):
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("objective", self.objective, OBJECTIVES)
+        _choice("select_by", self.select_by, SELECTION_SCORES)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _choice("scst_baseline", self.scst_baseline, SCST_BASELINES)
         if self.scst_samples < 1 or (self.scst_baseline == "mean" and self.scst_samples < 2):
             raise ValueError(f"--scst_samples must be at least 1 (2 with --scst_baseline mean: the "

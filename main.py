@@ -43,6 +43,7 @@ CHOICES = {
     "wandb": config.WANDB_MODES,
     "objective": config.OBJECTIVES,
     "scst_baseline": config.SCST_BASELINES,
+    "select_by": config.SELECTION_SCORES,
 }
 METAVARS = {"split_sizes": ("TRAIN", "VAL"), "hf_caption_columns": "NAME", "resume": "PATH|auto",
             "captions_file": "PATH", "images_dir": "DIR", "hf_dataset": "NAME_OR_PATH",

@@ -274,6 +274,7 @@ class AttentionDecoder(nn.Module):
         """Per-image work done once: feats (N,P,C) -> feats (N,P,D), enc_proj (N,P,A), h, c (Y,N,H)."""
         if feats.dim() != 3 or feats.size(-1) != self.cfg.feature_dim:
             raise ValueError(f"expected features (N, P, {self.cfg.feature_dim}), got {tuple(feats.shape)}")
+        feats = F.dropout(feats, self.cfg.feature_dropout, self.training)
         if self.feat_proj is not None:
             feats = self.feat_proj(feats)  # (N, P, D)
         enc_proj = self.enc_att(feats)  # (N, P, A)
@@ -284,7 +285,7 @@ class AttentionDecoder(nn.Module):
 
     def word_gates(self, words: Tensor) -> Tensor:
         """The embedding's share of the first layer's gates: words (...) -> (..., G)."""
-        return self.emb_gates(self.embedding(words))
+        return self.emb_gates(F.dropout(self.embedding(words), self.cfg.embed_dropout, self.training))
 
     def step(self, emb_gates: Tensor, feats: Tensor, enc_proj: Tensor, h: Tensor, c: Tensor
              ) -> tuple[Tensor, Tensor, Tensor]:
@@ -413,18 +414,23 @@ def build_model(cfg: ModelConfig) -> CaptionModel:
     return CaptionModel(cfg)
 
 
-def caption_loss(logits: Tensor, captions: Tensor, lengths: Tensor, alphas: Tensor, alpha_c: float
-                 ) -> tuple[Tensor, Tensor]:
-    """(loss, cross-entropy): mean cross-entropy over real tokens + alpha_c * attention regulariser.
+def caption_loss(logits: Tensor, captions: Tensor, lengths: Tensor, alphas: Tensor, alpha_c: float,
+                 label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(loss, cross-entropy): mean smoothed cross-entropy over real tokens + alpha_c * attention
+    regulariser, and the plain (unsmoothed) cross-entropy.
 
     logits (B,T-1,V), captions (B,T), lengths (B,) counting <sos> and <eos>, alphas (B,T-1,P).
-    The regulariser (Xu et al. 2015, eq. 14) pushes each position's attention summed over the real
-    steps towards 1; padded steps never count.
+    Smoothing moves `label_smoothing` of each target's mass evenly over the vocabulary, as
+    F.cross_entropy's label_smoothing does. The regulariser (Xu et al. 2015, eq. 14) pushes each
+    position's attention summed over the real steps towards 1; padded steps never count.
     """
     steps = logits.size(1)
     mask = torch.arange(steps, device=logits.device) < (lengths.to(logits.device) - 1).unsqueeze(1)  # (B, T-1)
     targets = captions[:, 1:steps + 1]  # (B, T-1)
-    ce = F.cross_entropy(logits[mask], targets[mask])
+    logp = F.log_softmax(logits[mask].float(), dim=-1)  # (R, V)
+    nll = -logp.gather(1, targets[mask].unsqueeze(1)).squeeze(1)  # (R,)
+    ce = nll.mean()
+    smoothed = ce if label_smoothing == 0 else (1 - label_smoothing) * ce - label_smoothing * logp.mean()
     attention_sum = (alphas * mask.unsqueeze(-1)).sum(dim=1)  # (B, P)
     reg = ((1.0 - attention_sum) ** 2).mean()
-    return ce + alpha_c * reg, ce
+    return smoothed + alpha_c * reg, ce

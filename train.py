@@ -75,6 +75,10 @@ DEMO_PRESET: dict[str, Any] = {
     "attention_dim": 128,
     "decoder_dim": 128,
     "dropout": 0.1,
+    "embed_dropout": 0.0,
+    "feature_dropout": 0.0,
+    "label_smoothing": 0.0,
+    "select_by": "bleu4",
     "batch_size": 40,
     "epochs": 16,
     "lr": 3e-3,
@@ -140,24 +144,25 @@ class TrainingDiverged(RuntimeError):
     """Too many NaN/inf losses in a row."""
 
 
-def compute_loss(net: nn.Module, inputs, captions, lengths, alpha_c: float, image_idx=None):
+def compute_loss(net: nn.Module, inputs, captions, lengths, alpha_c: float, image_idx=None,
+                 label_smoothing: float = 0.0):
     """Forward + the design card's loss: cross-entropy without padding + attention regulariser.
 
     `net` is a TrainStep (possibly wrapped by DataParallel/DDP) or a decoder (inputs: features).
     """
     args = (inputs, captions, lengths) if image_idx is None else (inputs, captions, lengths, image_idx)
     logits, alphas = net(*args)  # (B, T-1, V), (B, T-1, P)
-    loss, ce = model_lib.caption_loss(logits, captions, lengths, alphas, alpha_c)
+    loss, ce = model_lib.caption_loss(logits, captions, lengths, alphas, alpha_c, label_smoothing)
     return loss, ce, logits
 
 
-def cross_entropy_objective(net: nn.Module, batch, device: torch.device, alpha_c: float
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy_objective(net: nn.Module, batch, device: torch.device, alpha_c: float,
+                            label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher-forced loss of a batch of captions and its sums (captions, tokens, correct, 0, 0)."""
     captions = to_device(batch.captions, device)  # (B, T)
     lengths = to_device(batch.lengths, device)  # (B,)
     loss, _, logits = compute_loss(net, to_device(batch.inputs, device), captions, lengths,
-                                   alpha_c, to_device(batch.image_idx, device))
+                                   alpha_c, to_device(batch.image_idx, device), label_smoothing)
     correct, tokens = token_accuracy(logits.detach(), captions, lengths)
     zero = correct.new_zeros(())
     return loss, torch.stack([zero + captions.size(0), tokens, correct, zero, zero]).double()
@@ -176,7 +181,7 @@ def train_step(net: nn.Module, batch, optimizer, scaler, device: torch.device, c
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, amp_dtype):
         if objective is None:
-            loss, stats = cross_entropy_objective(net, batch, device, alpha_c)
+            loss, stats = cross_entropy_objective(net, batch, device, alpha_c, cfg.label_smoothing)
         else:
             loss, stats = objective(net, batch, device)
     bad = (~torch.isfinite(loss.detach())).double()  # () 1.0 for a skipped step
@@ -422,8 +427,8 @@ class Run:
     @property
     def selection(self) -> tuple[str, str]:
         """The history key and name of the validation score that picks best.pt, steps the
-        schedule and stops early: CIDEr-D when training on it (SCST), else BLEU-4."""
-        return ("cider", "CIDEr-D") if self.cfg.objective == "scst" else ("bleu4", "BLEU-4")
+        schedule and stops early (--select_by)."""
+        return (self.cfg.select_by, {"cider": "CIDEr-D", "bleu4": "BLEU-4"}[self.cfg.select_by])
 
 
 def run_training(data_cfg, model_cfg, train_cfg: TrainConfig) -> int:

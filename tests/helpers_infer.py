@@ -79,7 +79,7 @@ def tiny_model_config(encoder: str = "resnet18", feature_dim: int = 512) -> Mode
     return ModelConfig(vocab_size=len(VOCAB), encoder=encoder, pretrained=False,
                              encoded_size=2, image_size=64, feature_dim=feature_dim, encoder_proj_dim=16,
                              embed_dim=16, attention_dim=16, decoder_dim=32, num_layers=2, dropout=0.0,
-                             alpha_c=1.0)
+                             embed_dropout=0.0, feature_dropout=0.0, alpha_c=1.0)
 
 
 def _encode(caption: str) -> list[int]:

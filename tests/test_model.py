@@ -11,6 +11,7 @@ import urllib.error
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import decoding
 import model as M
@@ -27,7 +28,7 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 IDS = dict(sos_id=SOS, eos_id=EOS, unk_id=UNK)
-TINY = dict(embed_dim=24, attention_dim=20, decoder_dim=28, dropout=0.0)
+TINY = dict(embed_dim=24, attention_dim=20, decoder_dim=28, dropout=0.0, embed_dropout=0.0, feature_dropout=0.0)
 
 
 def features_model(vocab_size=40, feature_dim=32, seed=0, **kw) -> M.CaptionModel:
@@ -308,6 +309,33 @@ def test_padding_does_not_change_the_loss():
     # The regulariser is there and counts: alpha_c changes the loss, not the cross-entropy.
     loss0, ce0 = M.caption_loss(logits, wider, lengths, alphas, alpha_c=0.0)
     assert loss0 < loss2 and torch.equal(ce0, ce2)
+
+
+def test_label_smoothing_is_torch_s_and_the_reported_cross_entropy_stays_plain():
+    model = features_model()
+    feats = random_feats(4)
+    captions, lengths = batch()
+    logits, alphas = model(feats, captions, lengths)
+    loss, ce = M.caption_loss(logits, captions, lengths, alphas, alpha_c=0.0, label_smoothing=0.2)
+    _, plain = M.caption_loss(logits, captions, lengths, alphas, alpha_c=0.0)
+    mask = torch.arange(logits.size(1)) < (lengths - 1).unsqueeze(1)
+    targets = captions[:, 1:][mask]
+    torch.testing.assert_close(loss, F.cross_entropy(logits[mask], targets, label_smoothing=0.2))
+    torch.testing.assert_close(ce, F.cross_entropy(logits[mask], targets))
+    torch.testing.assert_close(plain, ce)
+
+
+@pytest.mark.parametrize("where", ["embed_dropout", "feature_dropout"])
+def test_embedding_and_feature_dropout_act_in_training_only(where):
+    feats = random_feats(4)
+    captions, lengths = batch()
+    quiet = features_model(embed_dropout=0.0, feature_dropout=0.0).train()
+    torch.testing.assert_close(quiet(feats, captions, lengths)[0], quiet(feats, captions, lengths)[0])
+    model = features_model(**{"embed_dropout": 0.0, "feature_dropout": 0.0, where: 0.5}).train()
+    first, second = model(feats, captions, lengths)[0], model(feats, captions, lengths)[0]
+    assert not torch.allclose(first, second)
+    model.eval()
+    torch.testing.assert_close(model(feats, captions, lengths)[0], model(feats, captions, lengths)[0])
 
 
 def test_loss_falls_on_one_repeated_batch():

@@ -58,7 +58,7 @@ def configs(data, out: Path, **train_kw):
     data_cfg = data_utils.DataConfig(dataset_path=str(dataset), split_sizes=(24, 6), min_word_freq=1,
                                      num_workers=0)
     model_cfg = model_lib.ModelConfig(vocab_size=5, encoder="resnet18", pretrained=False, embed_dim=16,
-                                      attention_dim=16, decoder_dim=16, dropout=0.0)
+                                      attention_dim=16, decoder_dim=16, dropout=0.0, embed_dropout=0.0, feature_dropout=0.0)
     kw = dict(batch_size=10, epochs=1, weights_dir=str(out / "weights"), graphs_dir=str(out / "graphs"),
               features_dir=str(feats), wandb="disabled", lr=3e-3, patience=0)
     kw.update(train_kw)
@@ -102,7 +102,7 @@ def test_a_sample_above_its_baseline_gets_its_log_probability_raised(sample_rewa
     torch.manual_seed(0)
     vocab = Vocabulary.from_list(["<pad>", "<sos>", "<eos>", "<unk>", "a", "red", "square", "wall"])
     cfg_m = model_lib.ModelConfig(vocab_size=len(vocab), encoder="features", feature_dim=8, pretrained=False,
-                                  embed_dim=16, attention_dim=16, decoder_dim=16, dropout=0.0)
+                                  embed_dim=16, attention_dim=16, decoder_dim=16, dropout=0.0, embed_dropout=0.0, feature_dropout=0.0)
     model = model_lib.build_model(cfg_m)
     cfg = TrainConfig(objective="scst", scst_samples=1, scst_baseline="greedy", grad_clip=0.0)
     objective = scst.ScstObjective([[["a", "red", "square"]]] * 3, vocab, cfg, max_len=6)

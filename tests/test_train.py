@@ -455,7 +455,7 @@ def test_sampler_skips_trained_batches_shards_ranks_and_keeps_groups_together():
 
 def test_train_step_runs_the_encoder_once_per_distinct_image():
     cfg = model_lib.ModelConfig(vocab_size=9, encoder="resnet18", pretrained=False, image_size=32,
-                                encoded_size=2, embed_dim=8, attention_dim=8, decoder_dim=8, dropout=0.0)
+                                encoded_size=2, embed_dim=8, attention_dim=8, decoder_dim=8, dropout=0.0, embed_dropout=0.0, feature_dropout=0.0)
     torch.manual_seed(0)
     model = model_lib.build_model(cfg).eval()
     images = torch.randn(3, 3, 32, 32)
@@ -487,12 +487,12 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
 # ---------------------------------------------------------------- promises (issue 14)
 
 def _scripted_validation(scores):
-    """validate() returning these BLEU-4 scores epoch after epoch (the schedule's input)."""
+    """validate() returning these BLEU-4 and CIDEr-D scores epoch after epoch (the schedule's input)."""
     it = iter(scores)
 
     def fake(*args, **kwargs):
         b = next(it)
-        return train.Validation(loss=1.0, acc=0.5, bleu=[b] * 4, samples=[])
+        return train.Validation(loss=1.0, acc=0.5, bleu=[b] * 4, samples=[], cider=b)
     return fake
 
 
@@ -556,7 +556,7 @@ def test_a_new_run_refuses_to_replace_an_earlier_one_unless_overwrite(dataset, f
 def test_a_nan_step_leaves_weights_and_optimizer_unchanged_and_clipping_caps_the_norm():
     torch.manual_seed(0)
     cfg_m = model_lib.ModelConfig(vocab_size=9, encoder="features", pretrained=False, feature_dim=8,
-                                  encoded_size=2, embed_dim=8, attention_dim=8, decoder_dim=8, dropout=0.0)
+                                  encoded_size=2, embed_dim=8, attention_dim=8, decoder_dim=8, dropout=0.0, embed_dropout=0.0, feature_dropout=0.0)
     model = model_lib.build_model(cfg_m)
     cfg = train.TrainConfig(lr=1e-2, grad_clip=0.01, wandb="disabled")
     optimizer = train.make_optimizer(model, cfg_m, cfg)
