@@ -106,7 +106,7 @@ class ModelConfig:
 class DecodeConfig:
     beam_size: int = 5                    # K; 1 = greedy
     max_len: int = 35                     # most tokens generated per caption (words and <eos>)
-    length_penalty: float = 0.0           # rank by score / length**penalty; 0 = raw log-probability
+    length_penalty: float = 1.0           # rank by score / length**penalty; 0 = raw log-probability
     block_repeat_trigrams: bool = False   # never repeat a word trigram within a caption
     suppress_unk: bool = True             # never emit <unk>
 
