@@ -427,7 +427,7 @@ def caption_loss(logits: Tensor, captions: Tensor, lengths: Tensor, alphas: Tens
     steps = logits.size(1)
     mask = torch.arange(steps, device=logits.device) < (lengths.to(logits.device) - 1).unsqueeze(1)  # (B, T-1)
     targets = captions[:, 1:steps + 1]  # (B, T-1)
-    logp = F.log_softmax(logits[mask].float(), dim=-1)  # (R, V)
+    logp = F.log_softmax(logits[mask], dim=-1)  # (R, V); float32 under autocast
     nll = -logp.gather(1, targets[mask].unsqueeze(1)).squeeze(1)  # (R,)
     ce = nll.mean()
     smoothed = ce if label_smoothing == 0 else (1 - label_smoothing) * ce - label_smoothing * logp.mean()
