@@ -66,12 +66,13 @@ def reference(dataset, feature_dir, tmp_path_factory) -> Path:
     return out
 
 
-def run_script(script: str, tmp_path: Path, argv: list[str], **env: str) -> subprocess.Popen:
+def run_script(script: str, tmp_path: Path, argv: list[str], *, new_session: bool = False,
+               **env: str) -> subprocess.Popen:
     path = tmp_path / "run.py"
     path.write_text(textwrap.dedent(script).format(root=str(ROOT)))
     return subprocess.Popen([sys.executable, str(path), *argv], cwd=tmp_path, text=True,
                             env=dict(os.environ, TQDM_DISABLE="1", **env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, start_new_session=new_session)
 
 
 # fileio.replace is the rename of every atomic write: killing the process inside it, once the
@@ -133,18 +134,26 @@ _WAIT_FOR_SIGTERM = """
 """
 
 
+# "group": SIGTERM to the whole process group, loader workers included, as Slurm's scancel and a
+# terminal's Ctrl-C send it; the workers leave it to the main process, which saves.
+@pytest.mark.parametrize("group", [False, True], ids=["main_process", "process_group_with_workers"])
 def test_sigterm_saves_last_pt_mid_epoch_exits_143_and_resume_matches(dataset, feature_dir,
-                                                                       reference, tmp_path):
+                                                                       reference, tmp_path, group):
     out = tmp_path / "termed"
     argv = train_argv(dataset, feature_dir, out)
-    proc = run_script(_WAIT_FOR_SIGTERM, tmp_path, argv)
+    if group:
+        argv[argv.index("--num_workers") + 1] = "2"
+    proc = run_script(_WAIT_FOR_SIGTERM, tmp_path, argv, new_session=group)
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "at_step").exists():
             assert proc.poll() is None, f"training exited early: {proc.stderr.read()[-3000:]}"
             assert time.monotonic() < deadline, "training never reached epoch 2"
             time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
