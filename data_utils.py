@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import re
+import signal
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -758,6 +759,15 @@ def collate_images(items: list) -> ImageBatch:
     return ImageBatch(images, features, image_idx, len(items) - len(kept))
 
 
+def _leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT and SIGTERM. A signal sent to the whole process group (a
+    terminal's Ctrl-C, Slurm's scancel, `pkill -f`) reaches them too; a worker it killed made the
+    main process die with "DataLoader worker ... is killed by signal" instead of finishing its
+    step and saving. The main process shuts the workers down; a worker whose parent died exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, num_workers: int = 0,
                 sampler=None, collate: Callable | None = None, pin_memory: bool | None = None,
                 drop_last: bool = False, seed: int | None = None) -> DataLoader:
@@ -778,4 +788,5 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, num
         generator.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory,
-                      drop_last=drop_last, persistent_workers=num_workers > 0, generator=generator)
+                      drop_last=drop_last, persistent_workers=num_workers > 0, generator=generator,
+                      worker_init_fn=_leave_stop_signals_to_the_main_process if num_workers else None)
