@@ -420,17 +420,16 @@ def caption_loss(logits: Tensor, captions: Tensor, lengths: Tensor, alphas: Tens
     regulariser, and the plain (unsmoothed) cross-entropy.
 
     logits (B,T-1,V), captions (B,T), lengths (B,) counting <sos> and <eos>, alphas (B,T-1,P).
-    Smoothing moves `label_smoothing` of each target's mass evenly over the vocabulary, as
-    F.cross_entropy's label_smoothing does. The regulariser (Xu et al. 2015, eq. 14) pushes each
+    Smoothing is F.cross_entropy's `label_smoothing` (that share of each target's mass spread
+    evenly over the vocabulary). The regulariser (Xu et al. 2015, eq. 14) pushes each
     position's attention summed over the real steps towards 1; padded steps never count.
     """
     steps = logits.size(1)
     mask = torch.arange(steps, device=logits.device) < (lengths.to(logits.device) - 1).unsqueeze(1)  # (B, T-1)
     targets = captions[:, 1:steps + 1]  # (B, T-1)
-    logp = F.log_softmax(logits[mask], dim=-1)  # (R, V); float32 under autocast
-    nll = -logp.gather(1, targets[mask].unsqueeze(1)).squeeze(1)  # (R,)
-    ce = nll.mean()
-    smoothed = ce if label_smoothing == 0 else (1 - label_smoothing) * ce - label_smoothing * logp.mean()
+    real_logits, real_targets = logits[mask], targets[mask]  # (R, V), (R,)
+    ce = F.cross_entropy(real_logits, real_targets)
+    smoothed = F.cross_entropy(real_logits, real_targets, label_smoothing=label_smoothing) if label_smoothing else ce
     attention_sum = (alphas * mask.unsqueeze(-1)).sum(dim=1)  # (B, P)
     reg = ((1.0 - attention_sum) ** 2).mean()
     return smoothed + alpha_c * reg, ce
