@@ -85,6 +85,7 @@ def test_help_and_bad_flags_answer_without_importing_torch():
     (["--mode", "bogus"], "'bogus'", "'train', 'test', 'eval', 'extract'"),
     (["--encoder", "vgg16"], "'vgg16'", "'resnet18'"),
     (["--device", "tpu"], "'tpu'", "'auto', 'cpu', 'cuda'"),
+    (["--select_by", "loss"], "'loss'", "'cider', 'bleu4'"),
     (["--split_sizes", "10"], "--split_sizes", "expected 2 arguments"),
     (["--no_such_flag"], "--no_such_flag", "unrecognized arguments"),
     (["--beam"], "--beam", "unrecognized arguments"),  # no abbreviations: a later flag cannot break them
@@ -103,6 +104,9 @@ def test_argparse_errors_are_one_line_and_returned(argv, bad, expected, capsys):
     (["--mode", "eval", "--beam_size", "0"], "beam_size must be >= 1, got 0"),
     (["--mode", "test", "--image_path", "x.jpg", "--min_word_freq", "0"], "min_word_freq must be >= 1"),
     (["--mode", "test", "--image_path", "x.jpg", "--dropout", "1.5"], "dropout must be in [0, 1)"),
+    (["--mode", "eval", "--embed_dropout", "1"], "embed_dropout must be in [0, 1), got 1.0"),
+    (["--mode", "train", "--dry_run", "--feature_dropout", "-0.1"], "feature_dropout must be in [0, 1), got -0.1"),
+    (["--mode", "train", "--dry_run", "--label_smoothing", "1"], "--label_smoothing must be in [0, 1), got 1.0"),
     (["--mode", "extract", "--lr_factor", "2"], "--lr_factor must be between 0 and 1"),
     (["--mode", "test"], "--mode test needs --image_path"),
 ])
