@@ -24,7 +24,7 @@ from checkpoint import to_plain
 from config import ModelConfig, TrainConfig
 import data_utils
 import features
-from devices import Dist, autocast, resolve_amp, resolve_device, to_device, unwrap
+from devices import Dist, autocast, resolve_amp, resolve_device, set_threads, to_device, unwrap
 import fileio
 import model as model_lib
 from run_logging import progress
@@ -117,8 +117,7 @@ def cached_features(model: nn.Module, records: list, model_cfg: ModelConfig, cfg
 def run_extract(data_cfg, model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | None = None) -> int:
     """`--mode extract`: write the frozen encoder's features of every image of the data set to
     `out_dir` (default: --features_dir, else the cache folder) and print a JSON summary."""
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
+    set_threads(train_cfg.threads)
     device = resolve_device(train_cfg.device)
     amp_dtype = resolve_amp(train_cfg.amp, device)
     if model_cfg.encoder == "features":

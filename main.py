@@ -284,7 +284,8 @@ def _eval(args: argparse.Namespace) -> int:
         _checkpoint(args, cfgs), cfgs.data, cfgs.decode, split=args.split, features_dir=t.features_dir,
         device=t.device, results_dir=args.results_dir, graphs_dir=t.graphs_dir,
         grid_images=args.grid_images, use_java=args.java, wandb_mode=t.wandb, wandb_project=t.wandb_project,
-        wandb_entity=t.wandb_entity, overwrite=t.overwrite, **_typed(args, "batch_size", "num_workers"))
+        wandb_entity=t.wandb_entity, overwrite=t.overwrite, threads=t.threads,
+        **_typed(args, "batch_size", "num_workers"))
     return 0
 
 

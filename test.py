@@ -242,8 +242,7 @@ def run_test(image_paths: Sequence[str], checkpoint, decode_cfg: DecodeConfig, *
     An existing `output` or attention figure is refused (before the model loads) unless `overwrite`.
     """
     _check_output(output)
-    if threads:
-        torch.set_num_threads(threads)
+    devices.set_threads(threads)
     files = collect_images(image_paths)
     figures = attention_paths(attention_map, [str(p) for p in files]) if attention_map is not None else []
     _protect_earlier_files(output, figures, overwrite)

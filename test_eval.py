@@ -16,6 +16,7 @@ import numpy as np
 
 import data_utils
 import decoding
+import devices
 import fileio
 import metrics
 import plots
@@ -173,7 +174,7 @@ def run_evaluation(checkpoint_path, data_cfg: DataConfig, decode_cfg: DecodeConf
                    device: str = "auto", results_dir=None, graphs_dir=Path("graphs"),
                    grid_images: int = 6, use_java: bool | None = None, wandb_mode: str = "disabled",
                    wandb_project: str = "captioner", wandb_entity: str | None = None,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, threads: int | None = None) -> dict:
     """`--mode eval`: decode every image of `split` once, score it, write results and pictures.
 
     Writes `eval_<split>.json` (metrics, how they were computed, decoding settings, checkpoint,
@@ -184,6 +185,7 @@ def run_evaluation(checkpoint_path, data_cfg: DataConfig, decode_cfg: DecodeConf
     Returns the summary written to `eval_<split>.json`.
     """
     _check_arguments(split, batch_size, grid_images)
+    devices.set_threads(threads)
     checkpoint_path = Path(checkpoint_path)
     results_dir, graphs_dir = _output_paths(checkpoint_path, split, results_dir, graphs_dir, overwrite)
     captioner = captioning.load_captioner(checkpoint_path, device, need_encoder=False)

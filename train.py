@@ -37,7 +37,7 @@ from cider import corpus_cider
 from config import DecodeConfig, TrainConfig
 import data_utils
 import decoding
-from devices import Dist, autocast, init_distributed, resolve_amp, resolve_device, to_device, unwrap
+from devices import Dist, autocast, init_distributed, resolve_amp, resolve_device, set_threads, to_device, unwrap
 import extract
 from metrics import corpus_bleu
 import model as model_lib
@@ -459,10 +459,7 @@ def run_training(data_cfg, model_cfg, train_cfg: TrainConfig) -> int:
 
 def _start(data_cfg, model_cfg, cfg: TrainConfig, d: Dist) -> tuple[Run, dict | None, Path | None]:
     """Threads, device, AMP, the checkpoint to resume (or the guard of an earlier run), seeds."""
-    if cfg.threads:
-        # On a busy machine fewer threads than cores is faster: OpenMP threads that wait for a
-        # core spin (measured: 12x slower with 2 threads than 1 on 2 shared cores).
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     device = resolve_device(cfg.device, d.local_rank if d.enabled else None)
     amp_dtype = resolve_amp(cfg.amp, device)
     if not d.is_main:

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import data_utils
 import features
@@ -150,11 +151,12 @@ def test_eval_writes_results_and_pictures_and_decodes_each_image_once(tiny_set, 
                                                                          capsys):
     test_names = sorted(r.name for r in data_utils.load_dataset(data_cfg(tiny_set)).test)
     assert len(test_names) == 4
-    decoded = []
+    decoded, threads = [], []
     real_decode = decoding.decode
 
     def counting_decode(m, feats, **kw):
         decoded.append(feats.shape[0])
+        threads.append(torch.get_num_threads())
         return real_decode(m, feats, **kw)
 
     monkeypatch.setattr(decoding, "decode", counting_decode)
@@ -162,10 +164,12 @@ def test_eval_writes_results_and_pictures_and_decodes_each_image_once(tiny_set, 
     results = tmp_path / "results"
     rc = main.main(["--mode", "eval", "--dataset_path", str(tiny_set), "--checkpoint", str(ckpt),
                     "--results_dir", str(results), "--no-java", "--beam_size", "2", "--grid_images", "3",
-                    "--batch_size", "3", "--split_sizes", "4", "2"])
+                    "--batch_size", "3", "--split_sizes", "4", "2", "--threads", "2"])
+    torch.set_num_threads(1)  # as the module's autouse fixture set it, for the tests after this one
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert decoded == [3, 1]  # 4 test images, batched by 3, each decoded once
+    assert threads == [2, 2]  # --threads is honoured
 
     summary = json.loads((results / "eval_test.json").read_text())
     assert summary["num_images"] == 4 and summary["split"] == "test"
