@@ -328,7 +328,10 @@ def sample_decode(model: CaptionModel, feats: Tensor, *, sos_id: int, eos_id: in
         if suppress_unk:
             logits[..., unk_id] = -math.inf
         dist = torch.log_softmax(logits, dim=-1)  # (N, k, V)
-        drawn = torch.multinomial(dist.detach().exp().view(N * k, -1), 1, generator=generator).view(N, k)
+        # A non-finite row (an fp16 overflow) would make multinomial raise mid-epoch; it draws at
+        # random instead, and its NaN log-probabilities make the step non-finite, which training skips.
+        probs = dist.detach().exp().nan_to_num_(1.0).view(N * k, -1)  # (N*k, V)
+        drawn = torch.multinomial(probs, 1, generator=generator).view(N, k)
         words = torch.where(running, drawn, eos_id)  # (N, k)
         tokens.append(words)
         log_probs.append(dist.gather(-1, words.unsqueeze(-1)).squeeze(-1) * running)  # (N, k)

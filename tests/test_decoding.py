@@ -229,6 +229,16 @@ def test_sampling_at_a_low_temperature_is_greedy_and_bad_arguments_are_named():
         D.sample_decode(model, feats, k=2, max_len=10, temperature=0, **IDS)
 
 
+def test_non_finite_logits_give_nan_log_probabilities_instead_of_an_error():
+    """An fp16 overflow must not crash SCST mid-epoch: the step's loss is NaN and training skips it."""
+    model = lively(features_model())
+    feats = random_feats(2) * float("nan")
+    with torch.no_grad():
+        tokens, log_probs, lengths = D.sample_decode(model, feats, k=2, max_len=5,
+                                                     generator=torch.Generator().manual_seed(0), **IDS)
+    assert tokens.shape[0] == 4 and log_probs[:, 0].isnan().all() and (lengths >= 1).all()
+
+
 class FakeBatch:
     def __init__(self, inputs, image_idx, n_skipped=0):
         self.inputs, self.image_idx, self.n_skipped = inputs, torch.tensor(image_idx, dtype=torch.long), n_skipped
