@@ -173,7 +173,7 @@ class TrainConfig:
     amp: str = "auto"                   # auto: bf16 (else fp16 + scaler) on CUDA, off on CPU
     device: str = "auto"                # auto: cuda when available, else cpu
     multi_gpu: bool = False             # nn.DataParallel over the visible GPUs
-    seed: int = 0                       # seeds python, numpy and torch: CPU runs repeat exactly
+    seed: int = 0                       # seeds python, numpy and torch: CPU runs repeat exactly (same --threads)
     threads: int | None = None          # torch CPU threads; None: torch's default (all cores)
     wandb: str = "auto"                 # auto: online with credentials, else offline
     wandb_project: str = "captioner"    # wandb project name
