@@ -40,11 +40,13 @@ def _check_arguments(split: str, batch_size: int, grid_images: int) -> None:
 def _features_dir(captioner, checkpoint_path: Path, features_dir) -> Path | None:
     """The features folder to read (None: images), checked against the model's channels."""
     if features_dir is None and captioner.transform is None:
-        # A features model can only read features: default to the directory it was trained on.
-        recorded = (captioner.features or {}).get("path") if isinstance(captioner.features, dict) else None
+        # A features model can only read features: default to the folder training recorded
+        # (train.py's run.features["dir"], as given to --features_dir then).
+        recorded = captioner.features.get("dir") if isinstance(captioner.features, dict) else None
         if not recorded or not Path(recorded).is_dir():
-            raise ValueError(f"checkpoint {checkpoint_path} was trained on precomputed features and has "
-                             f"no image encoder: pass --features_dir with this data set's features")
+            where = f" ({recorded}, which is not a folder here)" if recorded else ""
+            raise ValueError(f"checkpoint {checkpoint_path} was trained on precomputed features{where} and "
+                             f"has no image encoder: pass --features_dir with this data set's features")
         features_dir = recorded
     if features_dir is None:
         return None

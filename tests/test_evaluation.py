@@ -187,25 +187,33 @@ def test_eval_writes_results_and_pictures_and_decodes_each_image_once(tiny_set, 
         assert (tmp_path / "graphs" / picture).stat().st_size > 10_000
 
 
-def test_eval_on_a_features_directory(tiny_set, tmp_path, tmp_path_factory, monkeypatch):
-    cfg = data_cfg(tiny_set)
-    splits = data_utils.load_dataset(cfg)
-    names = [r.name for r in splits.train + splits.val + splits.test]
-    rng = np.random.default_rng(0)
-    feats_dir = tmp_path / "features"
-    features.write_features(feats_dir, names, [rng.standard_normal((len(names), 4, 8)).astype(np.float32)],
-                              positions=4, channels=8, meta={"encoder": "test"})
-    ckpt = hi.features_checkpoint(tmp_path_factory.getbasetemp(), feature_dim=8)
+def test_eval_on_a_features_directory_and_the_folder_training_recorded(tmp_path, tmp_path_factory, monkeypatch):
+    # The checkpoint comes from a real (tiny) training run on features: what it records is what
+    # --mode eval falls back on.
+    ckpt, root, feats_dir = hi.features_run(tmp_path_factory.getbasetemp())
+    cfg = data_cfg(root)
     monkeypatch.chdir(tmp_path)
-    summary = test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(beam_size=2), split="val",
-                                       features_dir=feats_dir, results_dir=tmp_path, use_java=False,
-                                       grid_images=2, device="cpu")
+    run = dict(split="val", use_java=False, grid_images=2, device="cpu")
+    summary = test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(beam_size=2), features_dir=feats_dir,
+                                       results_dir=tmp_path / "given", **run)
     assert summary["num_images"] == 2 and summary["encoder"] == "features"
     assert summary["data"]["features_dir"] == str(feats_dir)
-    assert (tmp_path / "eval_val.json").is_file() and (tmp_path / "graphs" / "eval_val_grid.png").is_file()
-    # Without --features_dir and with the recorded directory gone, the error says what to pass.
-    with pytest.raises(ValueError, match="--features_dir"):
-        test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(), use_java=False, device="cpu")
+    assert (tmp_path / "given" / "eval_val.json").is_file() and (tmp_path / "graphs" / "eval_val_grid.png").is_file()
+    # Without --features_dir: the folder the checkpoint was trained on, the same captions.
+    fallback = test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(beam_size=2), results_dir=tmp_path / "recorded",
+                                        overwrite=True, **run)
+    assert fallback["data"]["features_dir"] == str(feats_dir)
+    assert {k: v["caption"] for k, v in fallback["per_image"].items()} == \
+        {k: v["caption"] for k, v in summary["per_image"].items()}
+    # With the recorded folder gone, the error names it and says what to pass.
+    moved = feats_dir.with_name(feats_dir.name + "_moved")
+    feats_dir.rename(moved)
+    try:
+        with pytest.raises(ValueError, match=f"{feats_dir}.* pass --features_dir"):
+            test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(), results_dir=tmp_path / "gone",
+                                     overwrite=True, **run)
+    finally:
+        moved.rename(feats_dir)
 
 
 def _never_decodes(*args, **kwargs):

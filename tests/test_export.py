@@ -80,12 +80,12 @@ def test_the_model_card_shows_the_metrics_beside_the_checkpoint(tiny_pt, tmp_pat
 
 
 def test_a_features_model_exports_and_says_it_needs_features(tmp_path_factory, tmp_path):
-    ckpt = checkpoint.load_checkpoint(hi.features_checkpoint(tmp_path_factory.getbasetemp()))
-    out = export.export_model(ckpt, tmp_path / "feat")
+    pt, _, feats = hi.features_run(tmp_path_factory.getbasetemp())
+    out = export.export_model(checkpoint.load_checkpoint(pt), tmp_path / "feat")
     card = (out / "README.md").read_text()
     assert "precomputed features, not photos" in card and "--features_dir" in card
     loaded = checkpoint.read_model_folder(out)
-    assert loaded["features"]["key"] == "tiny"
+    assert loaded["features"]["dir"] == str(feats)  # what training recorded, kept by the export
     assert json.loads((out / "config.json").read_text())["input"] == "features"
 
 
