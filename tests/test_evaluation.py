@@ -193,7 +193,7 @@ def test_eval_on_a_features_directory_and_the_folder_training_recorded(tmp_path,
     ckpt, root, feats_dir = hi.features_run(tmp_path_factory.getbasetemp())
     cfg = data_cfg(root)
     monkeypatch.chdir(tmp_path)
-    run = dict(split="val", use_java=False, grid_images=2, device="cpu")
+    run = dict(split="val", use_java=False, grid_images=2, device="cpu", resamples=50, with_report=False)
     summary = test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(beam_size=2), features_dir=feats_dir,
                                        results_dir=tmp_path / "given", **run)
     assert summary["num_images"] == 2 and summary["encoder"] == "features"
