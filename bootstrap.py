@@ -30,6 +30,11 @@ from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
 ORDERS = 4
 TINY, SMALL = 1e-15, 1e-9   # BleuScorer.compute_score's guards against zero counts
 LEVEL = 0.95
+# How the intervals are computed, in the words eval_<split>.json and the report page use.
+METHOD = ("percentile intervals over images drawn with replacement, each with all its references; BLEU "
+          "recomputed from per-image clipped n-gram counts and lengths; ROUGE-L and CIDEr-D as means of per-image "
+          "scores, with CIDEr-D's document frequencies those of the whole split's references (not recounted per "
+          "resample); METEOR as the per-image mean plus its fixed gap to the jar's corpus score")
 NOISE = 1e-12   # a difference below this is rounding (BLEU's 1e-15 guards), not B beating A
 MEANS = ("METEOR", "ROUGE-L", "CIDEr-D")   # corpus score = mean of per-image scores (METEOR: + gap)
 

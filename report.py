@@ -30,10 +30,7 @@ TEMPLATE = Path(__file__).resolve().parent / "web" / "eval_report.html"
 PLACEHOLDER = "/*__DATA__*/"
 THUMB_SIZE = 112        # px, the longer side of a thumbnail
 COMPARE_METRIC = "CIDEr-D"
-INTERVAL_NOTE = ("95% percentile bootstrap intervals over images ({n} resamples of the {images} images, each "
-                 "with all its references). BLEU is recomputed from per-image n-gram counts; ROUGE-L and "
-                 "CIDEr-D are means of per-image scores, CIDEr-D's document frequencies those of the whole "
-                 "split's references; METEOR is the per-image mean plus its fixed gap to the corpus score.")
+INTERVAL_NOTE = "95% bootstrap intervals ({n} resamples of the {images} images): {method}."
 
 
 def data_uri(data: bytes, mime: str) -> str:
@@ -112,7 +109,8 @@ def page_data(summary: dict, records: dict, thumbnails: dict[str, str | None], h
     return {
         "settings": _settings(summary),
         "metrics": summary["metrics"], "intervals": summary.get("intervals"),
-        "interval_note": INTERVAL_NOTE.format(n=boot.get("resamples"), images=summary["num_images"])
+        "interval_note": INTERVAL_NOTE.format(n=boot.get("resamples"), images=summary["num_images"],
+                                              method=boot.get("method"))
         if summary.get("intervals") else "No intervals: --bootstrap 0.",
         "diagnostics_shown": diagnostics.shown(summary["diagnostics"]),
         "diagnostic_labels": diagnostics.LABELS,

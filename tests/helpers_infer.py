@@ -148,6 +148,16 @@ def tiny_checkpoint(base: Path) -> Path:
     return _CACHE["image"]
 
 
+def weak_checkpoint(base: Path) -> Path:
+    """A second tiny image checkpoint, trained for 3 steps only (its captions are worse): for --compare."""
+    if "weak" not in _CACHE:
+        cfg = tiny_model_config()
+        path = base / "tiny_weak" / "best.pt"
+        checkpoint.save_checkpoint(path, checkpoint_state(train_tiny(cfg, steps=3, seed=1), cfg))
+        _CACHE["weak"] = path
+    return _CACHE["weak"]
+
+
 def write_features_for(root: Path, data_cfg: DataConfig, out: Path, channels: int = 8) -> Path:
     """A features folder (4 positions x `channels`, seeded noise) for every image of a data set."""
     splits = data_utils.load_dataset(data_cfg)

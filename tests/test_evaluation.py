@@ -298,3 +298,70 @@ def test_wandb_gets_the_metrics_table_and_pictures(tmp_path, monkeypatch):
     table = logged[1]["eval_test/per_image"]
     assert table.rows == [("x.jpg", "a dog", 0.1, None, 0.3, 0.2)]
     assert logged[1]["eval_test/grid"] == ("image", str(tmp_path / "g.png")) and finished == [True]
+
+
+# ---------------------------------------------------------------- intervals, diagnostics, --compare
+
+def _eval_argv(tiny_set, ckpt, results, *extra):
+    return ["--mode", "eval", "--dataset_path", str(tiny_set), "--checkpoint", str(ckpt), "--results_dir",
+            str(results), "--no-java", "--split_sizes", "4", "2", "--min_word_freq", "1", "--num_workers", "0",
+            "--grid_images", "2", "--threads", "1", *extra]
+
+
+def test_eval_reports_intervals_and_diagnostics_and_compares_with_a_checkpoint(tiny_set, ckpt, tmp_path,
+                                                                                 tmp_path_factory, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    weak = hi.weak_checkpoint(tmp_path_factory.getbasetemp())
+    rc = main.main(_eval_argv(tiny_set, ckpt, tmp_path / "r", "--compare", str(weak), "--bootstrap", "300"))
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "r" / "eval_test.json").read_text())
+    for m, v in summary["metrics"].items():
+        ci = summary["intervals"][m]
+        assert (ci is None) == (v is None) and (ci is None or ci["low"] <= v + 1e-12 and v - 1e-12 <= ci["high"]), m
+    assert summary["bootstrap"]["resamples"] == 300 and "document frequencies" in summary["bootstrap"]["method"]
+    diag = summary["diagnostics"]
+    assert diag["vocabulary_size"] == len(hi.WORDS) and 0 < diag["vocabulary_used"] <= len(hi.WORDS)
+    assert set(diag) == set(summary["diagnostic_notes"])
+    cmp = summary["compare"]
+    assert cmp["kind"] == "checkpoint" and cmp["num_images"] == 4 and cmp["other"] == str(weak)
+    for m, d in cmp["difference"].items():
+        if d is None:
+            continue
+        assert d["a"] == pytest.approx(summary["metrics"][m], abs=1e-9)
+        assert d["b"] == pytest.approx(cmp["metrics"][m], abs=1e-9)
+        assert d["diff"] == pytest.approx(d["b"] - d["a"]) and 0.0 <= d["b_better"] <= 1.0
+    cider = cmp["difference"]["CIDEr-D"]
+    assert "B better in" in out and f"{cider['diff']:+.4f} [{cider['low']:+.4f}, {cider['high']:+.4f}]" in out
+    assert "copied from training" in out and "95% interval" in out
+    assert (tmp_path / "r" / "eval_test.html").stat().st_size > 10_000
+
+
+def test_compare_with_its_own_captions_file_finds_no_difference(tiny_set, ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main.main(_eval_argv(tiny_set, ckpt, tmp_path / "a", "--bootstrap", "0", "--no-report")) == 0
+    first = json.loads((tmp_path / "a" / "eval_test.json").read_text())
+    assert first["intervals"] is None and first["bootstrap"] is None
+    assert not (tmp_path / "a" / "eval_test.html").exists() and first["timing"]["report_s"] == 0.0
+    captions = tmp_path / "a" / "captions_test.json"
+    rc = main.main(_eval_argv(tiny_set, ckpt, tmp_path / "b", "--compare", str(captions), "--bootstrap", "100",
+                              "--graphs_dir", "g2"))
+    assert rc == 0, capsys.readouterr().err
+    cmp = json.loads((tmp_path / "b" / "eval_test.json").read_text())["compare"]
+    assert cmp["kind"] == "captions" and cmp["diagnostics"]["vocabulary_size"] is None
+    for m, d in cmp["difference"].items():
+        assert d is None or (d["diff"] == d["low"] == d["high"] == 0.0 and d["b_better"] == 0.0), m
+
+
+def test_compare_refuses_captions_of_another_split_and_a_missing_file(tiny_set, ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"image_id": "elsewhere.jpg", "caption": "a red square"}]))
+    rc = main.main(_eval_argv(tiny_set, ckpt, tmp_path / "r", "--compare", str(other)))
+    assert rc == 2 and "outside this split, e.g. 'elsewhere.jpg'" in capsys.readouterr().err
+    rc = main.main(_eval_argv(tiny_set, ckpt, tmp_path / "r2", "--compare", str(tmp_path / "nope.pt")))
+    assert rc == 2 and capsys.readouterr().err == (f"error: --compare {tmp_path / 'nope.pt'} does not exist: "
+                                                   "expected a checkpoint or a captions_<split>.json\n")
+    other.write_text('{"not": "a list"}')
+    rc = main.main(_eval_argv(tiny_set, ckpt, tmp_path / "r3", "--compare", str(other)))
+    assert rc == 2 and "expected a list of" in capsys.readouterr().err
