@@ -35,7 +35,9 @@ METHOD = ("percentile intervals over images drawn with replacement, each with al
           "recomputed from per-image clipped n-gram counts and lengths; ROUGE-L and CIDEr-D as means of per-image "
           "scores, with CIDEr-D's document frequencies those of the whole split's references (not recounted per "
           "resample); METEOR as the per-image mean plus its fixed gap to the jar's corpus score")
-NOISE = 1e-12   # a difference below this is rounding (BLEU's 1e-15 guards), not B beating A
+# A difference below this is a tie, not B beating A: BLEU's guards against zero counts give a
+# caption set without any matching n-gram a score of about 1e-6 or less rather than 0.
+NOISE = 1e-6
 MEANS = ("METEOR", "ROUGE-L", "CIDEr-D")   # corpus score = mean of per-image scores (METEOR: + gap)
 
 
