@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 import checkpoint
+import diagnostics
 import fileio
 import hub
 from config import DecodeConfig, ModelConfig
@@ -148,9 +149,23 @@ def _metric_lines(eval_metrics: dict[str, dict]) -> list[str]:
              "|---|---|---|" + "---|" * len(names)]
     for split, s in eval_metrics.items():
         beam = (s.get("decoding") or {}).get("beam_size", "?")
-        vals = [f"{s['metrics'][m]:.4f}" if isinstance(s["metrics"].get(m), (int, float)) else "-" for m in names]
+        vals = [_metric_cell(s, m) for m in names]
         lines.append(f"| {split} | {s.get('num_images', '?')} | {beam} | " + " | ".join(vals) + " |")
+    if any(s.get("intervals") for s in eval_metrics.values()):
+        lines += ["", "In brackets: 95% bootstrap intervals over the split's images."]
+    for split, s in eval_metrics.items():
+        if isinstance(s.get("diagnostics"), dict):
+            shown = diagnostics.shown(s["diagnostics"])
+            lines += ["", f"Captions of the {split} split: " + "; ".join(
+                f"{label} {shown[k]}" for k, label in diagnostics.LABELS.items()) + "."]
     return lines
+
+
+def _metric_cell(summary: dict, metric: str) -> str:
+    value, ci = summary["metrics"].get(metric), (summary.get("intervals") or {}).get(metric)
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{value:.4f}" + (f" [{ci['low']:.3f}, {ci['high']:.3f}]" if isinstance(ci, dict) else "")
 
 
 def _licence_note(ckpt: dict) -> str:

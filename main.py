@@ -4,6 +4,7 @@
     python main.py --mode train --dataset_path DIR       # Flickr8k/30k/COCO in any supported layout
     python main.py --mode test --image_path photo.jpg    # caption photos
     python main.py --mode eval                           # score the test split
+    python main.py --mode eval --split val --compare other.pt   # B - A with paired intervals
     python main.py --mode extract --dataset_path DIR --features_dir OUT
     python main.py --mode export --output my-captioner/ [--push_to_hub OWNER/NAME]
     python main.py --mode serve                          # a local page: http://127.0.0.1:7860/
@@ -170,12 +171,22 @@ def _add_infer_flags(parser: argparse.ArgumentParser) -> None:
                    help="eval mode: where eval_<split>.json and captions_<split>.json go "
                         "[the checkpoint's folder]")
     g.add_argument("--grid_images", type=_count, default=6,
-                   help="eval mode: images in the graphs/eval_<split>_grid.png picture [6]")
+                   help="eval mode: images in the graphs/eval_<split>_grid.png picture and attention maps "
+                        "in the report page [6]")
     g.add_argument("--push_to_hub", default=None, metavar="OWNER/NAME",
                    help="export mode: then upload the folder to this Hugging Face model repository "
                         "(token from `hf auth login` or HF_TOKEN)")
     g.add_argument("--private", action=argparse.BooleanOptionalAction, default=False,
                    help="export mode, with --push_to_hub: create the repository as private [off]")
+    g.add_argument("--bootstrap", type=_count, default=config.BOOTSTRAP_RESAMPLES, metavar="N",
+                   help="eval mode: bootstrap resamples of the images behind each metric's 95%% interval and "
+                        f"--compare's paired differences; 0: no intervals [{config.BOOTSTRAP_RESAMPLES}]")
+    g.add_argument("--compare", default=None, metavar="PATH",
+                   help="eval mode: a second checkpoint, or a captions_<split>.json, scored on the same images; "
+                        "reports each metric's difference B - A with a paired bootstrap interval")
+    g.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="eval mode: write the page eval_<split>.html beside eval_<split>.json (thumbnails, "
+                        "every image's captions and scores, attention maps) [on]")
     g.add_argument("--java", action=argparse.BooleanOptionalAction, default=None,
                    help="eval mode: PTB tokenizer and METEOR in Java; --no-java uses the Python "
                         "tokenisation, no METEOR [when Java is installed]")
@@ -284,8 +295,8 @@ def _eval(args: argparse.Namespace) -> int:
         _checkpoint(args, cfgs), cfgs.data, cfgs.decode, split=args.split, features_dir=t.features_dir,
         device=t.device, results_dir=args.results_dir, graphs_dir=t.graphs_dir,
         grid_images=args.grid_images, use_java=args.java, wandb_mode=t.wandb, wandb_project=t.wandb_project,
-        wandb_entity=t.wandb_entity, overwrite=t.overwrite, threads=t.threads,
-        **_typed(args, "batch_size", "num_workers"))
+        wandb_entity=t.wandb_entity, overwrite=t.overwrite, threads=t.threads, resamples=args.bootstrap,
+        seed=t.seed, compare=args.compare, with_report=args.report, **_typed(args, "batch_size", "num_workers"))
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pycocoevalcap.tokenizer.ptbtokenizer as ptb
@@ -159,6 +159,8 @@ class Scores:
     per_image: dict[str, dict[str, float | None]]   # image -> metric -> score
     tokenizer: str
     meteor_note: str | None = None                  # why METEOR is missing, when it is
+    references_tokenized: dict[str, list[str]] = field(default_factory=dict)   # what was scored (bootstrap.py)
+    hypotheses_tokenized: dict[str, str] = field(default_factory=dict)
 
 
 def _meteor(gts: dict[str, list[str]], res: dict[str, list[str]]) -> tuple[float, list[float]]:
@@ -227,13 +229,18 @@ def score_captions(references: dict[str, list[str]], hypotheses: dict[str, str],
     metrics["CIDEr-D"] = float(cider)
     for k, b, m, r, c in zip(names, bleu_per[3], meteor[1], rouge_per, cider_per):
         per[k] = {"BLEU-4": float(b), "METEOR": m, "ROUGE-L": float(r), "CIDEr-D": float(c)}
-    return Scores({m: metrics[m] for m in METRICS}, per, tokenizer, meteor_note)
+    return Scores({m: metrics[m] for m in METRICS}, per, tokenizer, meteor_note, gts,
+                  {k: v[0] for k, v in res.items()})
 
 
-def format_table(metrics: dict[str, float | None]) -> str:
-    """The metrics as a two-column text table (raw scores, as pycocoevalcap returns them)."""
+def format_table(metrics: dict[str, float | None], intervals: dict | None = None) -> str:
+    """The metrics as a text table (raw scores, as pycocoevalcap returns them), with each one's
+    95% bootstrap interval when `intervals` ({metric: {"low", "high"}}) is given."""
     width = max(len(m) for m in metrics)
-    lines = [f"{'metric':<{width}}  score", f"{'-' * width}  -----"]
+    lines = [f"{'metric':<{width}}  score" + ("   95% interval" if intervals else ""),
+             f"{'-' * width}  -----" + ("   ------------" if intervals else "")]
     for m, v in metrics.items():
-        lines.append(f"{m:<{width}}  {'n/a' if v is None else f'{v:.4f}'}")
+        line = f"{m:<{width}}  {'n/a' if v is None else f'{v:.4f}'}"
+        ci = (intervals or {}).get(m)
+        lines.append(line + (f"  [{ci['low']:.4f}, {ci['high']:.4f}]" if ci and v is not None else ""))
     return "\n".join(lines)

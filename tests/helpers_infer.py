@@ -1,9 +1,11 @@
-"""Fixtures shared by tests/test_captioning.py and tests/test_evaluation.py.
+"""Fixtures shared by tests/test_captioning.py, tests/test_evaluation.py and others.
 
 A tiny checkpoint (resnet18 without ImageNet weights, 64x64 inputs, 2x2 attention grid,
 16-32 wide decoder) trained on coloured synthetic photos until its caption depends on the
 photo's colour, and a tiny data set in the Kaggle layout made of the same kind of photos.
-Checkpoints are built once per test session (cached here: every test file shares them).
+Checkpoints are built once per test session (cached here: every test file shares them), by the
+code that writes real ones: `checkpoint.training_checkpoint` for the image model, a tiny
+`train.run_training` on a features folder for the features model.
 """
 from __future__ import annotations
 
@@ -17,8 +19,12 @@ import torch
 from PIL import Image
 
 import checkpoint
+import data_utils
+import features
 import model
-from config import ModelConfig
+import train
+from config import DataConfig, ModelConfig, TrainConfig
+from text import Vocabulary
 
 SPECIALS = ["<pad>", "<sos>", "<eos>", "<unk>"]
 # Two kinds of photo and the caption the tiny model is trained to give each.
@@ -118,12 +124,18 @@ def train_tiny(cfg, steps: int = 80, seed: int = 0, per_kind: int = 2):
     return m
 
 
-def checkpoint_state(m, cfg, *, features: dict | None = None) -> dict:
-    """The documented checkpoint dict (ARCHITECTURE.md) for a model and the tiny vocabulary."""
-    return {"format": "captioner-v1", "model_config": dataclasses.asdict(cfg), "vocab": list(VOCAB),
-            "model": m.state_dict(), "train_config": {}, "epoch": 3, "best_score": 0.0,
-            "history": [], "optimizer": None, "scheduler": None, "scaler": None,
-            "early_stopping": {}, "rng": {}, "features": features}
+def checkpoint_state(m, cfg) -> dict:
+    """A checkpoint of the tiny model, made by the builder training saves with
+    (checkpoint.training_checkpoint), so this fixture cannot drift from what training writes."""
+    train_cfg = TrainConfig(wandb="disabled")
+    optimizer = train.make_optimizer(m, cfg, train_cfg)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max")
+    return checkpoint.training_checkpoint(
+        # trained on photos (not the demo set): recorded as a photo data set's folder
+        m, Vocabulary(VOCAB), cfg, train_cfg=train_cfg, data_cfg=DataConfig(dataset_path="coloured-photos"),
+        epoch=3, best_score=0.0,
+        history=[], optimizer=optimizer, scheduler=scheduler, scaler=train.make_scaler(torch.device("cpu"), None),
+        early_stopping={"best": 0.0, "bad_epochs": 0}, features=None)
 
 
 def tiny_checkpoint(base: Path) -> Path:
@@ -136,13 +148,45 @@ def tiny_checkpoint(base: Path) -> Path:
     return _CACHE["image"]
 
 
-def features_checkpoint(base: Path, feature_dim: int = 8) -> Path:
-    """A tiny checkpoint trained on external features (no image encoder)."""
+def weak_checkpoint(base: Path) -> Path:
+    """A second tiny image checkpoint, trained for 3 steps only (its captions are worse): for --compare."""
+    if "weak" not in _CACHE:
+        cfg = tiny_model_config()
+        path = base / "tiny_weak" / "best.pt"
+        checkpoint.save_checkpoint(path, checkpoint_state(train_tiny(cfg, steps=3, seed=1), cfg))
+        _CACHE["weak"] = path
+    return _CACHE["weak"]
+
+
+def write_features_for(root: Path, data_cfg: DataConfig, out: Path, channels: int = 8) -> Path:
+    """A features folder (4 positions x `channels`, seeded noise) for every image of a data set."""
+    splits = data_utils.load_dataset(data_cfg)
+    names = [r.name for r in splits.train + splits.val + splits.test]
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((len(names), 4, channels)).astype(np.float32)  # (N, P, C)
+    features.write_features(out, names, [feats], positions=4, channels=channels, meta={"encoder": "test"})
+    return out
+
+
+def features_run(base: Path) -> tuple[Path, Path, Path]:
+    """(checkpoint, data set, features folder) of a tiny training run on a features folder.
+
+    The checkpoint is written by train.run_training itself (one epoch, CPU, a few seconds), so what
+    it records about its features is what real training records.
+    """
     if "features" not in _CACHE:
-        cfg = tiny_model_config("features", feature_dim)
-        path = base / "tiny_features" / "best.pt"
-        state = checkpoint_state(train_tiny(cfg, steps=3), cfg,
-                                 features={"key": "tiny", "path": str(base / "features")})
-        checkpoint.save_checkpoint(path, state)
-        _CACHE["features"] = path
+        root = make_kaggle_set(base / "features_set")
+        data_cfg = DataConfig(dataset_path=str(root), split_sizes=(4, 2), min_word_freq=1, num_workers=0)
+        feats = write_features_for(root, data_cfg, base / "features_set_features")
+        model_cfg = ModelConfig(vocab_size=5, embed_dim=16, attention_dim=16, decoder_dim=16, encoded_size=2,
+                                dropout=0.0)
+        train_cfg = TrainConfig(features_dir=str(feats), epochs=1, batch_size=4, wandb="disabled",
+                                weights_dir=str(base / "tiny_features"), graphs_dir=str(base / "tiny_features_graphs"))
+        assert train.run_training(data_cfg, model_cfg, train_cfg) == 0
+        _CACHE["features"] = (base / "tiny_features" / "best.pt", root, feats)
     return _CACHE["features"]
+
+
+def features_checkpoint(base: Path) -> Path:
+    """A tiny checkpoint trained on external features (no image encoder), by train.run_training."""
+    return features_run(base)[0]

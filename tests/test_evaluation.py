@@ -187,25 +187,33 @@ def test_eval_writes_results_and_pictures_and_decodes_each_image_once(tiny_set, 
         assert (tmp_path / "graphs" / picture).stat().st_size > 10_000
 
 
-def test_eval_on_a_features_directory(tiny_set, tmp_path, tmp_path_factory, monkeypatch):
-    cfg = data_cfg(tiny_set)
-    splits = data_utils.load_dataset(cfg)
-    names = [r.name for r in splits.train + splits.val + splits.test]
-    rng = np.random.default_rng(0)
-    feats_dir = tmp_path / "features"
-    features.write_features(feats_dir, names, [rng.standard_normal((len(names), 4, 8)).astype(np.float32)],
-                              positions=4, channels=8, meta={"encoder": "test"})
-    ckpt = hi.features_checkpoint(tmp_path_factory.getbasetemp(), feature_dim=8)
+def test_eval_on_a_features_directory_and_the_folder_training_recorded(tmp_path, tmp_path_factory, monkeypatch):
+    # The checkpoint comes from a real (tiny) training run on features: what it records is what
+    # --mode eval falls back on.
+    ckpt, root, feats_dir = hi.features_run(tmp_path_factory.getbasetemp())
+    cfg = data_cfg(root)
     monkeypatch.chdir(tmp_path)
-    summary = test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(beam_size=2), split="val",
-                                       features_dir=feats_dir, results_dir=tmp_path, use_java=False,
-                                       grid_images=2, device="cpu")
+    run = dict(split="val", use_java=False, grid_images=2, device="cpu", resamples=50, with_report=False)
+    summary = test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(beam_size=2), features_dir=feats_dir,
+                                       results_dir=tmp_path / "given", **run)
     assert summary["num_images"] == 2 and summary["encoder"] == "features"
     assert summary["data"]["features_dir"] == str(feats_dir)
-    assert (tmp_path / "eval_val.json").is_file() and (tmp_path / "graphs" / "eval_val_grid.png").is_file()
-    # Without --features_dir and with the recorded directory gone, the error says what to pass.
-    with pytest.raises(ValueError, match="--features_dir"):
-        test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(), use_java=False, device="cpu")
+    assert (tmp_path / "given" / "eval_val.json").is_file() and (tmp_path / "graphs" / "eval_val_grid.png").is_file()
+    # Without --features_dir: the folder the checkpoint was trained on, the same captions.
+    fallback = test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(beam_size=2), results_dir=tmp_path / "recorded",
+                                        overwrite=True, **run)
+    assert fallback["data"]["features_dir"] == str(feats_dir)
+    assert {k: v["caption"] for k, v in fallback["per_image"].items()} == \
+        {k: v["caption"] for k, v in summary["per_image"].items()}
+    # With the recorded folder gone, the error names it and says what to pass.
+    moved = feats_dir.with_name(feats_dir.name + "_moved")
+    feats_dir.rename(moved)
+    try:
+        with pytest.raises(ValueError, match=f"{feats_dir}.* pass --features_dir"):
+            test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(), results_dir=tmp_path / "gone",
+                                     overwrite=True, **run)
+    finally:
+        moved.rename(feats_dir)
 
 
 def _never_decodes(*args, **kwargs):
@@ -290,3 +298,70 @@ def test_wandb_gets_the_metrics_table_and_pictures(tmp_path, monkeypatch):
     table = logged[1]["eval_test/per_image"]
     assert table.rows == [("x.jpg", "a dog", 0.1, None, 0.3, 0.2)]
     assert logged[1]["eval_test/grid"] == ("image", str(tmp_path / "g.png")) and finished == [True]
+
+
+# ---------------------------------------------------------------- intervals, diagnostics, --compare
+
+def _eval_argv(tiny_set, ckpt, results, *extra):
+    return ["--mode", "eval", "--dataset_path", str(tiny_set), "--checkpoint", str(ckpt), "--results_dir",
+            str(results), "--no-java", "--split_sizes", "4", "2", "--min_word_freq", "1", "--num_workers", "0",
+            "--grid_images", "2", "--threads", "1", *extra]
+
+
+def test_eval_reports_intervals_and_diagnostics_and_compares_with_a_checkpoint(tiny_set, ckpt, tmp_path,
+                                                                                 tmp_path_factory, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    weak = hi.weak_checkpoint(tmp_path_factory.getbasetemp())
+    rc = main.main(_eval_argv(tiny_set, ckpt, tmp_path / "r", "--compare", str(weak), "--bootstrap", "300"))
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "r" / "eval_test.json").read_text())
+    for m, v in summary["metrics"].items():
+        ci = summary["intervals"][m]
+        assert (ci is None) == (v is None) and (ci is None or ci["low"] <= v + 1e-12 and v - 1e-12 <= ci["high"]), m
+    assert summary["bootstrap"]["resamples"] == 300 and "document frequencies" in summary["bootstrap"]["method"]
+    diag = summary["diagnostics"]
+    assert diag["vocabulary_size"] == len(hi.WORDS) and 0 < diag["vocabulary_used"] <= len(hi.WORDS)
+    assert set(diag) == set(summary["diagnostic_notes"])
+    cmp = summary["compare"]
+    assert cmp["kind"] == "checkpoint" and cmp["num_images"] == 4 and cmp["other"] == str(weak)
+    for m, d in cmp["difference"].items():
+        if d is None:
+            continue
+        assert d["a"] == pytest.approx(summary["metrics"][m], abs=1e-9)
+        assert d["b"] == pytest.approx(cmp["metrics"][m], abs=1e-9)
+        assert d["diff"] == pytest.approx(d["b"] - d["a"]) and 0.0 <= d["b_better"] <= 1.0
+    cider = cmp["difference"]["CIDEr-D"]
+    assert "B better in" in out and f"{cider['diff']:+.4f} [{cider['low']:+.4f}, {cider['high']:+.4f}]" in out
+    assert "copied from training" in out and "95% interval" in out
+    assert (tmp_path / "r" / "eval_test.html").stat().st_size > 10_000
+
+
+def test_compare_with_its_own_captions_file_finds_no_difference(tiny_set, ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main.main(_eval_argv(tiny_set, ckpt, tmp_path / "a", "--bootstrap", "0", "--no-report")) == 0
+    first = json.loads((tmp_path / "a" / "eval_test.json").read_text())
+    assert first["intervals"] is None and first["bootstrap"] is None
+    assert not (tmp_path / "a" / "eval_test.html").exists() and first["timing"]["report_s"] == 0.0
+    captions = tmp_path / "a" / "captions_test.json"
+    rc = main.main(_eval_argv(tiny_set, ckpt, tmp_path / "b", "--compare", str(captions), "--bootstrap", "100",
+                              "--graphs_dir", "g2"))
+    assert rc == 0, capsys.readouterr().err
+    cmp = json.loads((tmp_path / "b" / "eval_test.json").read_text())["compare"]
+    assert cmp["kind"] == "captions" and cmp["diagnostics"]["vocabulary_size"] is None
+    for m, d in cmp["difference"].items():
+        assert d is None or (d["diff"] == d["low"] == d["high"] == 0.0 and d["b_better"] == 0.0), m
+
+
+def test_compare_refuses_captions_of_another_split_and_a_missing_file(tiny_set, ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"image_id": "elsewhere.jpg", "caption": "a red square"}]))
+    rc = main.main(_eval_argv(tiny_set, ckpt, tmp_path / "r", "--compare", str(other)))
+    assert rc == 2 and "outside this split, e.g. 'elsewhere.jpg'" in capsys.readouterr().err
+    rc = main.main(_eval_argv(tiny_set, ckpt, tmp_path / "r2", "--compare", str(tmp_path / "nope.pt")))
+    assert rc == 2 and capsys.readouterr().err == (f"error: --compare {tmp_path / 'nope.pt'} does not exist: "
+                                                   "expected a checkpoint or a captions_<split>.json\n")
+    other.write_text('{"not": "a list"}')
+    rc = main.main(_eval_argv(tiny_set, ckpt, tmp_path / "r3", "--compare", str(other)))
+    assert rc == 2 and "expected a list of" in capsys.readouterr().err

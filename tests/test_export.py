@@ -17,7 +17,8 @@ import helpers_infer as hi
 import hub
 import main
 import model as model_lib
-from config import DecodeConfig
+import test_eval
+from config import DataConfig, DecodeConfig
 from helpers_infer import one_torch_thread  # noqa: F401  (autouse fixture)
 
 
@@ -79,13 +80,29 @@ def test_the_model_card_shows_the_metrics_beside_the_checkpoint(tiny_pt, tmp_pat
     assert "| test | 300 | 5 | 0.8215 |" in card and "Not evaluated" not in card
 
 
+def test_the_model_card_shows_intervals_and_diagnostics_of_a_real_evaluation(tiny_pt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pt = tmp_path / "weights" / "best.pt"
+    pt.parent.mkdir()
+    pt.write_bytes(tiny_pt.read_bytes())
+    data_cfg = DataConfig(dataset_path=str(hi.make_kaggle_set(tmp_path / "set")), split_sizes=(4, 2),
+                          min_word_freq=1, num_workers=0)
+    summary = test_eval.run_evaluation(pt, data_cfg, DecodeConfig(beam_size=2), use_java=False, device="cpu",
+                                       grid_images=0, resamples=100, with_report=False)
+    card = (export.run_export(pt, tmp_path / "out") / "README.md").read_text()
+    bleu, ci = summary["metrics"]["BLEU-4"], summary["intervals"]["BLEU-4"]
+    assert "| test | 4 | 2 | " in card and f"{bleu:.4f} [{ci['low']:.3f}, {ci['high']:.3f}]" in card
+    assert "95% bootstrap intervals" in card
+    assert f"copied from training {100 * summary['diagnostics']['copied_share']:.1f}%" in card
+
+
 def test_a_features_model_exports_and_says_it_needs_features(tmp_path_factory, tmp_path):
-    ckpt = checkpoint.load_checkpoint(hi.features_checkpoint(tmp_path_factory.getbasetemp()))
-    out = export.export_model(ckpt, tmp_path / "feat")
+    pt, _, feats = hi.features_run(tmp_path_factory.getbasetemp())
+    out = export.export_model(checkpoint.load_checkpoint(pt), tmp_path / "feat")
     card = (out / "README.md").read_text()
     assert "precomputed features, not photos" in card and "--features_dir" in card
     loaded = checkpoint.read_model_folder(out)
-    assert loaded["features"]["key"] == "tiny"
+    assert loaded["features"]["dir"] == str(feats)  # what training recorded, kept by the export
     assert json.loads((out / "config.json").read_text())["input"] == "features"
 
 

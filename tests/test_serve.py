@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import logging
-import os
 import struct
 import threading
 import time
@@ -22,13 +21,13 @@ import checkpoint
 import decoding
 import export
 import helpers_infer as hi
+from helpers_browser import open_browser
 import serve
 import test as test_mod
 from config import DecodeConfig
 from helpers_infer import one_torch_thread  # noqa: F401  (autouse fixture)
 
 MAX_BYTES = 1024 * 1024
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
@@ -172,30 +171,6 @@ def test_a_features_model_cannot_serve_photos(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------ a real browser
-
-def _chromium():
-    """A headless Chromium driver; skips outside CI when Debian's chromium is not installed."""
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        why = f"{CHROMIUM} and {CHROMEDRIVER} are needed: apt-get install chromium chromium-driver"
-        if os.environ.get("CI"):
-            pytest.fail(why + " (.ci/run installs them)")
-        pytest.skip(why + " (CI installs them; this test runs there)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    return webdriver, Service
-
-
-def open_browser(profile: Path, width: int = 1100, height: int = 1300):
-    """Headless Chromium with everything that would call out switched off, and a fresh profile."""
-    webdriver, Service = _chromium()
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--window-size={width},{height}"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-
 
 def caption_in_browser(driver, url: str, photo: Path, timeout: float = 60) -> str:
     """Choose `photo` on the page; returns the caption (or the error) the page shows."""
