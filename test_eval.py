@@ -169,7 +169,8 @@ def _print_report(summary: dict, eval_path: Path) -> None:
           f"{summary['timing']['score_s']:.1f} s; wrote {eval_path} and {summary['results_file']}")
 
 
-def run_evaluation(checkpoint_path, data_cfg: DataConfig, decode_cfg: DecodeConfig, *, split: str = "test",
+def run_evaluation(checkpoint_path, data_cfg: DataConfig, decode_cfg: DecodeConfig | dict | None = None, *,
+                   split: str = "test",
                    features_dir=None, batch_size: int = 32, num_workers: int | None = None,
                    device: str = "auto", results_dir=None, graphs_dir=Path("graphs"),
                    grid_images: int = 6, use_java: bool | None = None, wandb_mode: str = "disabled",
@@ -189,6 +190,7 @@ def run_evaluation(checkpoint_path, data_cfg: DataConfig, decode_cfg: DecodeConf
     checkpoint_path = Path(checkpoint_path)
     results_dir, graphs_dir = _output_paths(checkpoint_path, split, results_dir, graphs_dir, overwrite)
     captioner = captioning.load_captioner(checkpoint_path, device, need_encoder=False)
+    decode_cfg = captioner.decode_config(decode_cfg)  # flags typed over an exported folder's defaults
     features_dir = _features_dir(captioner, checkpoint_path, features_dir)
     splits, records = _split_records(data_cfg, split)
     logger.info("evaluating %s: %d images of the %s split of %s", checkpoint_path, len(records),

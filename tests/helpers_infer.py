@@ -94,11 +94,11 @@ def train_tiny(cfg, steps: int = 80, seed: int = 0, per_kind: int = 2):
     """
     torch.manual_seed(seed)
     m = model.build_model(cfg)
-    tf = model.image_transform(cfg, train=False)
+    tf = model.image_transform(cfg, train=False) if cfg.encoder != "features" else None
     images, caps = [], []
     for i, kind in enumerate(KINDS):
         for j in range(per_kind):
-            images.append(tf(photo(kind, seed + 100 * i + j)))
+            images.append(tf(photo(kind, seed + 100 * i + j)) if tf else torch.zeros(3, 64, 64))
             caps.append(_encode(KINDS[kind][1]))
     x = torch.stack(images)  # (B, 3, 64, 64)
     if cfg.encoder == "features":
@@ -119,8 +119,9 @@ def train_tiny(cfg, steps: int = 80, seed: int = 0, per_kind: int = 2):
 
 
 def checkpoint_state(m, cfg, *, features: dict | None = None) -> dict:
-    """The documented checkpoint dict (ARCHITECTURE.md) for a model and the tiny vocabulary."""
-    return {"format": "captioner-v1", "model_config": dataclasses.asdict(cfg), "vocab": list(VOCAB),
+    """The documented checkpoint dict (ARCHITECTURE.md) for a model and the tiny vocabulary; the
+    model config resolved (encoders.resolve), as training stores it."""
+    return {"format": "captioner-v1", "model_config": checkpoint.to_plain(m.cfg), "vocab": list(VOCAB),
             "model": m.state_dict(), "train_config": {}, "epoch": 3, "best_score": 0.0,
             "history": [], "optimizer": None, "scheduler": None, "scaler": None,
             "early_stopping": {}, "rng": {}, "features": features}

@@ -54,10 +54,13 @@ def test_the_folder_has_the_four_files_and_loads_to_the_same_model(tiny_pt, fold
     for k, v in original["model"].items():
         assert torch.equal(loaded["model"][k], v), k
     assert _caption(loaded) == _caption(original)
-    assert export.decode_config_from(loaded) == DecodeConfig(beam_size=3)
+    assert checkpoint.decode_config_from(loaded) == DecodeConfig(beam_size=3)
     config = json.loads((folder / "config.json").read_text())
     assert config["format_version"] == checkpoint.FORMAT_VERSION and config["input"] == "images"
-    assert [s["op"] for s in config["preprocessing"]] == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    # The preprocessing is kept once, at the top, and read back into the model config.
+    assert "preprocess" not in config["model_config"]
+    assert config["preprocessing"] == {"size": 64, "resize": 73, "interpolation": "bilinear", "squash": False,
+                                       "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 def test_the_model_card_says_not_evaluated_without_eval_results(folder):
