@@ -19,8 +19,9 @@ A stage is a block of the backbone that fine-tuning trains or keeps frozen, coun
 ResNets have 5 (stem, layer1..layer4; default 3: layer2..4, as in the reference tutorial),
 Inception v3 4 (stem, Mixed_5, Mixed_6, Mixed_7; default 2), the small CNN 4 (all train: it
 starts from random weights), timm models their coarse parameter groups (`group_matcher(coarse=True)`:
-stem, each block stage, the final conv/norm; default 3, e.g. EfficientNet blocks.5, blocks.6 and
-conv_head; a ViT its last two blocks and final norm).
+the stem, then each block stage; default 3: for tf_efficientnet_lite0 blocks.4-6, the last with
+conv_head (3.1 M of its 3.4 M backbone parameters, but the low-resolution end of its compute), for a
+ViT its last three blocks (the last with the final norm), for ConvNeXt stages.2-3 and the head's norm).
 
 Shape letters: B batch, P positions (S*S), C channels, h/w the backbone's grid, N tokens.
 """

@@ -84,7 +84,7 @@ HELP = {
                   "pretrained input size)",
     "fine_tune_stages": "with --fine_tune_encoder: stages that train, counted from the top; unset: resnets 3 "
                         "(layer2-4), inception_v3 2 (Mixed_6, Mixed_7), small_cnn all, timm 3 (its last "
-                        "coarse parameter groups, e.g. EfficientNet blocks.5, blocks.6 and conv_head)",
+                        "coarse parameter groups: tf_efficientnet_lite0 blocks.4-6 and conv_head, a ViT its last 3 blocks)",
     "batch_size": "captions per training step (per process under torchrun); test and eval: images "
                   "per batch, their own default unless given",
     "device": "auto = cuda when available, else cpu (every mode)",
