@@ -229,7 +229,7 @@ class TrainConfig:
     keep_last: int = 0                  # epoch_NNN.pt files kept; 0: all
     group_by_image: bool = True         # end to end: an image's captions share a batch and a CNN pass
     weights_dir: str = "weights"        # checkpoints, vocab.json, history.json, runs/
-    graphs_dir: str = "graphs"          # loss.png, bleu.png
+    graphs_dir: str | None = None       # loss.png, bleu.png, cider.png; None: <weights_dir>/graphs (eval: beside its results)
     features_dir: str | None = None     # train on features.npy + names.json from this folder
     features_root: str = "data/features"  # where cached encoder features are kept
     cache_features: bool = True         # frozen encoder: run the CNN once per image, cache it
@@ -272,6 +272,12 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.lr_factor < 1:
             raise ValueError(f"--lr_factor must be between 0 and 1, got {self.lr_factor}")
+
+    @property
+    def run_graphs_dir(self) -> str:
+        """Where this run's graphs go: --graphs_dir, else beside its checkpoints, so a second run
+        with another --weights_dir never finds the first run's graphs in its way."""
+        return self.graphs_dir if self.graphs_dir is not None else f"{self.weights_dir}/graphs"
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,8 @@ def _output_paths(checkpoint_path: Path, split: str, results_dir, graphs_dir,
     earlier evaluation of the split replaced unless `overwrite` (the policy of training's files)."""
     given = f"--results_dir {results_dir}" if results_dir is not None else "the checkpoint's folder"
     results_dir = fileio.check_folder(checkpoint_path.parent if results_dir is None else results_dir, given)
-    graphs_dir = fileio.check_folder(graphs_dir, f"--graphs_dir {graphs_dir}")
+    graphs_dir = fileio.check_folder(results_dir / "graphs" if graphs_dir is None else graphs_dir,
+                                     f"--graphs_dir {graphs_dir}" if graphs_dir is not None else given)
     results = [results_dir / f"eval_{split}.json", results_dir / f"captions_{split}.json"]
     figures = list(_figure_paths(graphs_dir, split).values())
     found = [p for p in results + figures if p.exists()]
@@ -172,7 +173,7 @@ def _print_report(summary: dict, eval_path: Path) -> None:
 def run_evaluation(checkpoint_path, data_cfg: DataConfig, decode_cfg: DecodeConfig | dict | None = None, *,
                    split: str = "test",
                    features_dir=None, batch_size: int = 32, num_workers: int | None = None,
-                   device: str = "auto", results_dir=None, graphs_dir=Path("graphs"),
+                   device: str = "auto", results_dir=None, graphs_dir=None,
                    grid_images: int = 6, use_java: bool | None = None, wandb_mode: str = "disabled",
                    wandb_project: str = "captioner", wandb_entity: str | None = None,
                    overwrite: bool = False, threads: int | None = None) -> dict:
@@ -181,7 +182,8 @@ def run_evaluation(checkpoint_path, data_cfg: DataConfig, decode_cfg: DecodeConf
     Writes `eval_<split>.json` (metrics, how they were computed, decoding settings, checkpoint,
     image counts, timings, per-image scores) and `captions_<split>.json` (COCO results format:
     [{"image_id", "caption"}]) in `results_dir` (default: the checkpoint's folder), and
-    `eval_<split>_scores.png` / `eval_<split>_grid.png` in `graphs_dir`. Prints the metrics
+    `eval_<split>_scores.png` / `eval_<split>_grid.png` in `graphs_dir` (default: `graphs/` beside
+    the results, with the evaluated run). Prints the metrics
     table. An earlier evaluation's files are refused (before decoding) unless `overwrite`.
     Returns the summary written to `eval_<split>.json`.
     """

@@ -553,6 +553,24 @@ def test_a_new_run_refuses_to_replace_an_earlier_one_unless_overwrite(dataset, f
     assert (tmp_path / "weights" / "last.pt").read_bytes() != before
 
 
+def test_readme_scst_run_after_a_default_run_keeps_each_runs_graphs_with_it(dataset, feature_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    # The README's commands in order, default folders: the SCST run and both evaluations write their
+    # graphs beside their own checkpoints instead of refusing each other's (graphs/loss.png).
+    monkeypatch.chdir(tmp_path)
+    common = ["--dataset_path", str(dataset), "--features_dir", str(feature_dir), "--split_sizes", "16", "4",
+              "--min_word_freq", "1", "--num_workers", "0", "--embed_dim", "16", "--attention_dim", "16",
+              "--decoder_dim", "16", "--wandb", "disabled", "--epochs", "1"]
+    assert cli.main(["--mode", "train", *common]) == 0
+    assert cli.main(["--mode", "train", *common, "--objective", "scst", "--init_from", "weights/best.pt",
+                     "--weights_dir", "weights_scst"]) == 0, capsys.readouterr().err
+    for run in ("weights", "weights_scst"):
+        assert cli.main(["--mode", "eval", *common[:7], "--split", "val", "--no-java", "--checkpoint",
+                         f"{run}/best.pt"]) == 0, capsys.readouterr().err
+        assert {"loss.png", "eval_val_scores.png"} <= {p.name for p in (tmp_path / run / "graphs").iterdir()}
+    assert not (tmp_path / "graphs").exists()
+
+
 def test_a_nan_step_leaves_weights_and_optimizer_unchanged_and_clipping_caps_the_norm():
     torch.manual_seed(0)
     cfg_m = model_lib.ModelConfig(vocab_size=9, encoder="features", pretrained=False, feature_dim=8,
