@@ -144,7 +144,7 @@ def run_extract(data_cfg, model_cfg: ModelConfig, train_cfg: TrainConfig, out_di
     else:
         extract_features(model, records, model_cfg, target, device,
                          batch_size=train_cfg.batch_size, num_workers=data_cfg.num_workers,
-                         amp_dtype=amp_dtype, meta=dict(meta, model_config=to_plain(model_cfg)))
+                         amp_dtype=amp_dtype, meta=dict(meta, model_config=to_plain(model.cfg)))
     store = data_utils.FeatureStore.open(target)
     print(json.dumps({"features_dir": str(target), "images": len(store.names),
                       "positions": store.num_positions, "channels": store.channels,
