@@ -331,7 +331,7 @@ def _timm_body(cfg: ModelConfig) -> tuple[nn.Module, dict[str, int]]:
         except ValueError:
             raise
         except Exception as exc:  # offline (HF_HUB_OFFLINE, no network), HTTP errors, a broken cache
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+            reason = str(exc).strip().splitlines()[0].split(". ")[0][:160] if str(exc).strip() else ""
             raise EncoderWeightsError(
                 f"could not get timm's pretrained weights for {name} ({type(exc).__name__}: {reason}); pass "
                 f"--encoder_weights FILE (safetensors or state dict) to work offline, or --no-pretrained") from None

@@ -472,6 +472,7 @@ def _start(data_cfg, model_cfg, cfg: TrainConfig, d: Dist) -> tuple[Run, dict | 
                     else "from ImageNet weights", model_cfg.image_size or "native",
                     "trained end to end" if model_cfg.fine_tune_encoder else "frozen")
     _check_init_from(cfg)
+    model_lib.resolve(model_cfg)  # an unknown timm model or a size it refuses fails before the data loads
     resume_path = resolve_resume(cfg.resume, Path(cfg.weights_dir))
     if resume_path is None:
         protect_earlier_run(cfg, d)
