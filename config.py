@@ -83,6 +83,7 @@ class ModelConfig:
     encoder_weights: str | None = None    # local weights file (safetensors or state dict) instead of the download
     encoded_size: int = 14                # adaptive pool of the feature map to S x S, P = S*S
     image_size: int | None = None         # input crop; None: the encoder's native size (224; 299 Inception)
+    crop_pct: float | None = None         # share of the resized shorter side the centre crop keeps; None: the encoder's own
     feature_dim: int | None = None        # C; from the encoder spec, or by the caller from a features file
     preprocess: Preprocess | None = None  # resize, crop, mean/std; from the encoder spec (encoders.resolve)
     encoder_proj_dim: int = 0             # 1x1 conv C -> N before attention; 0 = off
@@ -123,6 +124,8 @@ class ModelConfig:
         if self.image_size is not None and self.image_size < 32:
             raise ValueError(f"image_size must be at least 32 pixels (or None for the encoder's native size), "
                              f"got {self.image_size}")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1] (1: the whole shorter side), got {self.crop_pct}")
         if self.encoder_proj_dim < 0:
             raise ValueError(f"encoder_proj_dim must be 0 (off) or a positive channel count, got {self.encoder_proj_dim}")
         for name in ("dropout", "embed_dropout", "feature_dropout"):

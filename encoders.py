@@ -108,14 +108,17 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
     else:
         spec = BUILTIN[cfg.encoder]
         channels, native, default_stages = spec.channels, spec.preprocess, spec.default_stages
-    preprocess = cfg.preprocess or _at_size(native, cfg.image_size)
+    preprocess = cfg.preprocess or _at_size(native, cfg.image_size, cfg.crop_pct)
     return dataclasses.replace(cfg, feature_dim=channels, preprocess=preprocess,
                                fine_tune_stages=cfg.fine_tune_stages or default_stages)
 
 
-def _at_size(native: Preprocess, size: int | None) -> Preprocess:
-    """The native preprocessing at another crop size, keeping its crop ratio."""
-    if size is None or size == native.size:
+def _at_size(native: Preprocess, size: int | None, crop_pct: float | None) -> Preprocess:
+    """The native preprocessing at another crop size and/or crop share (else its own crop ratio)."""
+    size = size or native.size
+    if crop_pct is not None:
+        return dataclasses.replace(native, size=size, resize=max(size, round(size / crop_pct)))
+    if size == native.size:
         return native
     resize = size if native.resize == native.size else round(size * native.resize / native.size)  # 256 for 224
     return dataclasses.replace(native, size=size, resize=resize)
@@ -301,7 +304,13 @@ def _create_timm(name: str, pretrained: bool) -> nn.Module:
 def _timm_native(name: str, image_size: int | None) -> tuple[int, Preprocess, int]:
     """(channels, native preprocessing, default stages) of a timm model, built on the meta device
     (no memory, no weights)."""
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            model = _create_timm(name, pretrained=False)
+    except ValueError:
+        raise
+    except Exception as exc:  # a model whose constructor computes on its tensors: build it for real
+        log.debug("%s cannot be built on the meta device (%s); building it on the CPU", name, exc)
         model = _create_timm(name, pretrained=False)
     data = _timm().data.resolve_model_data_config(model)
     size = int(data["input_size"][-1])

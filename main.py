@@ -82,6 +82,9 @@ HELP = {
                        "without pickle) instead of the download",
     "image_size": "input crop size; unset: the encoder's own (224, 299 for inception_v3, a timm model's "
                   "pretrained input size)",
+    "crop_pct": "share of the resized shorter side the centre crop keeps (resize = image_size / crop_pct; "
+                "1: the whole shorter side, as the features route's squashed 224 px photos); unset: the "
+                "encoder's own (224/256 for torchvision and tf_efficientnet_lite0)",
     "fine_tune_stages": "with --fine_tune_encoder: stages that train, counted from the top; unset: resnets 3 "
                         "(layer2-4), inception_v3 2 (Mixed_6, Mixed_7), small_cnn all, timm 3 (its last "
                         "coarse parameter groups: tf_efficientnet_lite0 blocks.4-6 and conv_head, a ViT its last 3 blocks)",

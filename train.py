@@ -535,7 +535,7 @@ def _external_features(run: Run) -> None:
     # Fields about images mean nothing without a CNN: canonical values, so resuming compares
     # only what matters.
     run.model_cfg = dataclasses.replace(
-        model_cfg, encoder="features", feature_dim=store.channels, image_size=None, preprocess=None,
+        model_cfg, encoder="features", feature_dim=store.channels, image_size=None, crop_pct=None, preprocess=None,
         encoded_size=_side(store.num_positions, model_cfg.encoded_size), pretrained=False,
         encoder_weights=None, encoder_from_scratch=False, fine_tune_stages=None)
     run.store = store

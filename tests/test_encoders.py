@@ -202,3 +202,17 @@ def test_timm_photos_end_to_end_cache_then_fine_tune_then_caption_and_export(tmp
            "stages)" in (tmp_path / "export" / "README.md").read_text()
     assert run(["--mode", "test", "--checkpoint", str(tmp_path / "export"), "--image_path", str(photo),
                 "--device", "cpu"], capsys)[1] == out
+
+
+def test_crop_pct_and_image_size_change_the_resize_and_are_stored():
+    whole = M.resolve(M.ModelConfig(vocab_size=9, encoder="timm/tf_efficientnet_lite0", crop_pct=1.0))
+    assert (whole.preprocess.size, whole.preprocess.resize, whole.preprocess.interpolation) == (224, 224, "bicubic")
+    assert M.resolve(M.ModelConfig(vocab_size=9, image_size=112, crop_pct=0.5)).preprocess.resize == 224
+    assert M.resolve(M.ModelConfig(vocab_size=9, image_size=112)).preprocess.resize == 128
+    with pytest.raises(ValueError, match="crop_pct must be in"):
+        M.ModelConfig(vocab_size=9, crop_pct=1.5)
+    # crop_pct 1 on a square photo: the whole photo, resized (nothing cut off at the border).
+    image = Image.new("RGB", (100, 100), (128, 128, 128))
+    image.paste((255, 0, 0), (0, 0, 4, 100))  # a red band at the left edge
+    x = M.image_transform(whole, train=False)(image)  # (3, 224, 224)
+    assert (x[0, :, :4] > x[1, :, :4] + 0.5).all()
