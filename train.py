@@ -264,8 +264,9 @@ def _teacher_forced(loader, model: nn.Module, device: torch.device, alpha_c: flo
         captions = to_device(batch.captions, device)  # (B, T)
         lengths = to_device(batch.lengths, device)  # (B,)
         with autocast(device, amp_dtype):
-            feats = model.features(to_device(batch.inputs, device))  # (B, P, C)
-            loss, _, logits = compute_loss(model.decoder, feats, captions, lengths, alpha_c)
+            # Images: the captions of one image (neighbours in the loader) share an encoder pass.
+            loss, _, logits = compute_loss(TrainStep(model), to_device(batch.inputs, device), captions, lengths,
+                                           alpha_c, to_device(batch.image_idx, device))
         finite = torch.isfinite(loss).double()
         correct, tokens = token_accuracy(logits, captions, lengths)
         n = captions.size(0)

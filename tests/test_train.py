@@ -472,6 +472,21 @@ def test_train_step_runs_the_encoder_once_per_distinct_image():
     torch.testing.assert_close(logits, expected)
 
 
+def test_validation_loss_runs_the_encoder_once_per_image_of_a_batch(dataset, tmp_path):
+    # End to end (fine-tuning), the validation captions of one image share an encoder pass too.
+    data_cfg, model_cfg, _ = configs(dataset, tmp_path)
+    splits = data_utils.load_dataset(data_cfg)
+    vocab = data_utils.build_vocabulary(splits, 1)
+    model = model_lib.build_model(dataclasses.replace(model_cfg, vocab_size=len(vocab))).eval()
+    val = data_utils.CaptionDataset(splits.val, vocab, transform=model_lib.image_transform(model.cfg, False))
+    seen = []
+    hook = model.encoder.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    with torch.no_grad():
+        loss, acc = train._teacher_forced(data_utils.make_loader(val, 8), model, torch.device("cpu"), 1.0, None, False)
+    hook.remove()
+    assert seen == [4] and len(val) == 8 and np.isfinite(loss)  # 4 images x 2 captions, one batch
+
+
 def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     train.seed_everything(5)
     state = ck.rng_state()
