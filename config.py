@@ -24,7 +24,7 @@ TRAINING_FIELDS = ("fine_tune_encoder", "fine_tune_stages", "dropout", "embed_dr
 # ModelConfig fields without a flag: set from the vocabulary, the encoder spec (encoders.resolve)
 # or a features file, or derived from other fields.
 DERIVED_FIELDS = ("vocab_size", "feature_dim", "preprocess", "encoder_from_scratch")
-INTERPOLATIONS = ("bilinear", "bicubic")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")  # torchvision's names (PIL images)
 OPTIMIZERS = ("adamw", "adam")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -59,13 +59,14 @@ class Preprocess:
     stored in checkpoints and exports: resize, centre crop, normalise."""
     size: int                             # side of the square crop the encoder sees
     resize: int                           # the shorter side is resized to this first; == size: the whole image
-    interpolation: str                    # bilinear or bicubic
+    interpolation: str                    # bilinear, bicubic, nearest or lanczos
     mean: tuple[float, float, float]      # per-channel mean subtracted after scaling to [0, 1]
     std: tuple[float, float, float]       # per-channel divisor
     squash: bool = False                  # resize both sides to `resize` (aspect ratio not kept)
 
     def __post_init__(self) -> None:
-        _choice("interpolation", self.interpolation, INTERPOLATIONS)
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"preprocessing interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
         if not 0 < self.size <= self.resize:
             raise ValueError(f"preprocessing needs 0 < size <= resize, got size {self.size}, resize {self.resize}")
         for name in ("mean", "std"):

@@ -319,8 +319,8 @@ def _timm_native(name: str, image_size: int | None) -> tuple[int, Preprocess, in
                          f"drop --image_size")
     if data.get("crop_mode", "center") not in ("center", "squash"):
         log.warning("%s: crop mode %r is approximated by a centre crop", name, data["crop_mode"])
-    preprocess = Preprocess(size, math.floor(size / data["crop_pct"]), data["interpolation"], data["mean"],
-                            data["std"], squash=data.get("crop_mode") == "squash")
+    preprocess = Preprocess(size, max(size, math.floor(size / data["crop_pct"])), data["interpolation"],
+                            data["mean"], data["std"], squash=data.get("crop_mode") == "squash")
     return int(model.num_features), preprocess, TIMM_DEFAULT_STAGES
 
 

@@ -258,15 +258,16 @@ def _teacher_forced(loader, model: nn.Module, device: torch.device, alpha_c: flo
                     amp_dtype: torch.dtype | None, show_progress: bool) -> tuple[float, float]:
     """Mean loss and token accuracy of the validation captions (logged only), one sync."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss x captions, captions, correct, tokens
+    # Images: the captions of one image (neighbours in the loader) share an encoder pass.
+    step = TrainStep(model).eval()
     for batch in progress(loader, desc="val loss", leave=False, show=show_progress):
         if len(batch) == 0:
             continue
         captions = to_device(batch.captions, device)  # (B, T)
         lengths = to_device(batch.lengths, device)  # (B,)
         with autocast(device, amp_dtype):
-            # Images: the captions of one image (neighbours in the loader) share an encoder pass.
-            loss, _, logits = compute_loss(TrainStep(model), to_device(batch.inputs, device), captions, lengths,
-                                           alpha_c, to_device(batch.image_idx, device))
+            loss, _, logits = compute_loss(step, to_device(batch.inputs, device), captions, lengths, alpha_c,
+                                           to_device(batch.image_idx, device))
         finite = torch.isfinite(loss).double()
         correct, tokens = token_accuracy(logits, captions, lengths)
         n = captions.size(0)

@@ -183,8 +183,8 @@ def test_eval_writes_results_and_pictures_and_decodes_each_image_once(tiny_set, 
     assert all(set(c) == {"image_id", "caption"} for c in captions)
     # The printed table holds the same numbers as the JSON.
     assert f"{summary['metrics']['BLEU-4']:.4f}" in out and "METEOR" in out and "n/a" in out
-    for picture in ("eval_test_scores.png", "eval_test_grid.png"):
-        assert (tmp_path / "graphs" / picture).stat().st_size > 10_000
+    for picture in ("eval_test_scores.png", "eval_test_grid.png"):  # beside the results, with the run
+        assert (results / "graphs" / picture).stat().st_size > 10_000
 
 
 def test_eval_on_a_features_directory(tiny_set, tmp_path, tmp_path_factory, monkeypatch):
