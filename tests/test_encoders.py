@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -25,7 +26,6 @@ from config import Preprocess
 from helpers_infer import one_torch_thread  # noqa: F401  (autouse: one thread, tiny models)
 from test_train import make_dataset
 
-timm = pytest.importorskip("timm")  # a requirement; the skip only spares a broken install a traceback
 
 TINY = dict(embed_dim=16, attention_dim=16, decoder_dim=16, dropout=0.0, embed_dropout=0.0,
             feature_dropout=0.0)
