@@ -58,7 +58,7 @@ def _encoder_name(text: str) -> str:
 TYPES = {"encoder": _encoder_name}
 METAVARS = {"split_sizes": ("TRAIN", "VAL"), "hf_caption_columns": "NAME", "resume": "PATH|auto",
             "captions_file": "PATH", "images_dir": "DIR", "hf_dataset": "NAME_OR_PATH",
-            "encoder_weights": "FILE", "features_dir": "DIR", "init_from": "PATH", "encoder": "NAME"}
+            "encoder_weights": "FILE", "features_dir": "DIR", "graphs_dir": "DIR", "init_from": "PATH", "encoder": "NAME"}
 # Help texts longer than config.py's field comments (no defaults here: they are appended).
 HELP = {
     "dataset_path": "data set folder, layout auto-detected: original Flickr8k (Flickr8k_text/), Kaggle "
@@ -83,8 +83,8 @@ HELP = {
     "image_size": "input crop size; unset: the encoder's own (224, 299 for inception_v3, a timm model's "
                   "pretrained input size)",
     "crop_pct": "share of the resized shorter side the centre crop keeps (resize = image_size / crop_pct; "
-                "1: the whole shorter side, as the features route's squashed 224 px photos); unset: the "
-                "encoder's own (224/256 for torchvision and tf_efficientnet_lite0)",
+                "1: the whole shorter side, nothing cut off a square photo); unset: the encoder's own "
+                "(224/256 for torchvision and tf_efficientnet_lite0)",
     "fine_tune_stages": "with --fine_tune_encoder: stages that train, counted from the top; unset: resnets 3 "
                         "(layer2-4), inception_v3 2 (Mixed_6, Mixed_7), small_cnn all, timm 3 (its last "
                         "coarse parameter groups: tf_efficientnet_lite0 blocks.4-6 and conv_head, a ViT its last 3 blocks)",
