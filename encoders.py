@@ -66,8 +66,7 @@ class Builtin:
     """A torchvision backbone or the small CNN: its channels, native preprocessing and stages."""
     channels: int
     preprocess: Preprocess
-    stages: int           # how many stages the backbone has
-    default_stages: int   # stages fine-tuning trains unless --fine_tune_stages says otherwise
+    default_stages: int   # stages fine-tuning trains unless --fine_tune_stages says otherwise (of RESNET_STAGES, ...)
 
 
 def _imagenet(size: int, resize: int) -> Preprocess:
@@ -76,12 +75,12 @@ def _imagenet(size: int, resize: int) -> Preprocess:
 
 
 BUILTIN = {
-    **{name: Builtin(512 if name in ("resnet18", "resnet34") else 2048, _imagenet(224, 256), 5, 3)
+    **{name: Builtin(512 if name in ("resnet18", "resnet34") else 2048, _imagenet(224, 256), 3)
        for name in BUILTIN_ENCODERS if name.startswith("resnet")},
     # torchvision's Inception v3 weights expect inputs in [-1, 1] (its transform_input=True).
-    "inception_v3": Builtin(2048, Preprocess(299, 342, "bilinear", (0.5,) * 3, (0.5,) * 3), 4, 2),
+    "inception_v3": Builtin(2048, Preprocess(299, 342, "bilinear", (0.5,) * 3, (0.5,) * 3), 2),
     # Trained from scratch on the whole image (resize == size: nothing is cropped off a square photo).
-    SMALL_CNN: Builtin(128, _imagenet(64, 64), 4, 4),
+    SMALL_CNN: Builtin(128, _imagenet(64, 64), 4),
 }
 
 
