@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+import encoders
 import fileio
 import hub
 import model as model_lib
-from config import ModelConfig
+from config import INIT_FIELDS, DecodeConfig, ModelConfig
 from text import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -30,9 +31,6 @@ FORMAT = "captioner-v1"
 # checkpoint trimmed for release, which can still caption and be evaluated.
 REQUIRED_KEYS = ("format", "model_config", "vocab", "model")
 
-# Model config fields that only decide how weights are initialised; the saved state dict overrides
-# them, so a checkpoint trained from ImageNet weights resumes fine without those weights on disk.
-INIT_ONLY_FIELDS = ("pretrained", "encoder_weights")
 
 # An exported model folder (export.py writes it; config.json last, so a folder without it is an
 # interrupted export).
@@ -147,7 +145,10 @@ def read_model_folder(folder: str | os.PathLike) -> dict:
     if not isinstance(vocab, list) or not all(isinstance(w, str) for w in vocab):
         raise ValueError(f"{folder / VOCAB_FILE} must be a JSON list of words")
     state = _read_weights(folder / WEIGHTS_FILE)
-    return {"format": FORMAT, "model_config": config["model_config"], "vocab": vocab,
+    model_config = dict(config["model_config"])
+    if isinstance(config.get("preprocessing"), dict):  # kept once, beside the model config
+        model_config["preprocess"] = config["preprocessing"]
+    return {"format": FORMAT, "model_config": model_config, "vocab": vocab,
             "model": state, "features": config.get("features"), "decoding": config.get("decoding"),
             "epoch": config.get("epoch"), "data_config": config.get("data_config"), "source": str(folder)}
 
@@ -228,7 +229,9 @@ def training_checkpoint(model: torch.nn.Module, vocab: Vocabulary, model_cfg: Mo
 # ---------------------------------------------------------------- rebuilding
 
 def model_config_from_dict(values: dict) -> ModelConfig:
-    """Rebuild a ModelConfig from its saved dict; fields this version does not know are an error."""
+    """Rebuild a ModelConfig from its saved dict, resolved (encoders.resolve: a checkpoint from before
+    the spec was stored gets its encoder's preprocessing); fields this version does not know are an
+    error."""
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -237,7 +240,7 @@ def model_config_from_dict(values: dict) -> ModelConfig:
     # JSON-like round trips turn tuples into lists; keep tuples tuples so frozen dataclasses
     # stay hashable.
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return ModelConfig(**values)
+    return encoders.resolve(ModelConfig(**values))
 
 
 def _load_weights(model: torch.nn.Module, state: dict) -> None:
@@ -267,21 +270,34 @@ def model_from_checkpoint(ckpt: dict) -> tuple[model_lib.CaptionModel, Vocabular
     return model, vocab, cfg
 
 
-def build_or_restore_model(model_cfg: ModelConfig, ckpt: dict | None,
-                           path: str | os.PathLike = "checkpoint") -> tuple[model_lib.CaptionModel, ModelConfig]:
-    """(model, model_cfg): a new model, or the checkpoint's weights in a model of the requested
-    config (ValueError naming every field where the two differ)."""
+def build_or_restore_model(model_cfg: ModelConfig, ckpt: dict | None, path: str | os.PathLike = "checkpoint",
+                           ignore: tuple[str, ...] = INIT_FIELDS) -> tuple[model_lib.CaptionModel, ModelConfig]:
+    """(model, resolved model_cfg): a new model, or the checkpoint's weights in a model of the
+    requested config (ValueError naming every field, except `ignore`, where the two differ)."""
     if ckpt is None:
-        return model_lib.build_model(model_cfg), model_cfg
+        model = model_lib.build_model(model_cfg)
+        return model, model.cfg
     # How the encoder was initialised is the checkpoint's business (its weights replace any
     # initialisation): take those fields from it, compare the rest.
-    saved = ckpt["model_config"]
-    init = {f: saved[f] for f in INIT_ONLY_FIELDS + ("encoder_from_scratch",) if f in saved}
-    model_cfg = dataclasses.replace(model_cfg, **init)
-    check_model_config(ckpt, model_cfg, path)
+    saved = model_config_from_dict(ckpt["model_config"])
+    model_cfg = dataclasses.replace(model_cfg, **{f: getattr(saved, f) for f in INIT_FIELDS})
+    check_model_config(ckpt, model_cfg, path, ignore)
+    model_cfg = encoders.resolve(model_cfg)
     model = _build_without_download(model_cfg)
     _load_weights(model, ckpt["model"])
     return model, model_cfg
+
+
+def decode_config_from(ckpt: dict, given: DecodeConfig | dict | None = None) -> DecodeConfig:
+    """The decoding settings: `given` when it is a DecodeConfig; else the exported folder's defaults
+    (DecodeConfig's where it has none; fields this version lacks are ignored) with the fields in
+    `given` (the flags typed) on top."""
+    if isinstance(given, DecodeConfig):
+        return given
+    saved = ckpt.get("decoding")
+    known = {f.name for f in dataclasses.fields(DecodeConfig)}
+    values = {k: v for k, v in saved.items() if k in known} if isinstance(saved, dict) else {}
+    return DecodeConfig(**{**values, **(given or {})})
 
 
 def strip_module_prefix(state: dict) -> dict:
@@ -321,10 +337,16 @@ def config_differences(saved: dict, requested: Any, ignore: tuple[str, ...] = ()
 
 
 def check_model_config(ckpt: dict, requested: Any, path: str | os.PathLike = "checkpoint",
-                       ignore: tuple[str, ...] = INIT_ONLY_FIELDS, *,
+                       ignore: tuple[str, ...] = INIT_FIELDS, *,
                        way_out: str = "pass the same model flags, or start a new run without --resume") -> None:
-    """Raise ValueError naming every model-config field where `ckpt` and `requested` differ."""
-    diffs = config_differences(ckpt["model_config"], requested, ignore=ignore)
+    """Raise ValueError naming every model-config field where `ckpt` and `requested` differ.
+
+    A requested ModelConfig and the saved one are compared resolved (encoders.resolve): flags that
+    leave the spec's fields unset mean the encoder's own values, as an older checkpoint does."""
+    saved = ckpt["model_config"]
+    if isinstance(requested, ModelConfig):
+        saved, requested = to_plain(model_config_from_dict(saved)), to_plain(encoders.resolve(requested))
+    diffs = config_differences(saved, requested, ignore=ignore)
     if diffs:
         listed = "; ".join(f"{k}: checkpoint {old!r} vs requested {new!r}"
                            for k, (old, new) in diffs.items())

@@ -8,13 +8,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The names --encoder takes (what each one is, its channels, preprocessing and stages: encoders.py).
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 SMALL_CNN = "small_cnn"
-ENCODERS = RESNETS + ("inception_v3", SMALL_CNN, "features")
-# Channels of the last feature map of each backbone.
-CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
-             "inception_v3": 2048, SMALL_CNN: 128}
-NATIVE_SIZE = {"inception_v3": 299, SMALL_CNN: 64}  # everything else: 224
+BUILTIN_ENCODERS = RESNETS + ("inception_v3", SMALL_CNN)
+TIMM_PREFIX = "timm/"                 # --encoder timm/<model name>: any timm backbone
+FEATURES = "features"                 # no CNN: the model reads cached features (--features_dir)
+# ModelConfig fields that say how the encoder's weights were initialised: a checkpoint's weights
+# replace them, so a checkpoint trained from ImageNet weights resumes without those weights on disk.
+INIT_FIELDS = ("pretrained", "encoder_weights", "encoder_from_scratch")
+# ModelConfig fields that say how a model trains, not what its weights are: --init_from may change
+# them (e.g. fine-tune the encoder of a run trained frozen on cached features).
+TRAINING_FIELDS = ("fine_tune_encoder", "fine_tune_stages", "dropout", "embed_dropout", "feature_dropout",
+                   "alpha_c")
+# ModelConfig fields without a flag: set from the vocabulary, the encoder spec (encoders.resolve)
+# or a features file, or derived from other fields.
+DERIVED_FIELDS = ("vocab_size", "feature_dim", "preprocess", "encoder_from_scratch")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")  # torchvision's names (PIL images)
 OPTIMIZERS = ("adamw", "adam")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -31,22 +41,58 @@ SCST_BASELINES = ("mean", "greedy")
 BOOTSTRAP_RESAMPLES = 1000
 
 
+def check_encoder_name(name: str) -> None:
+    """The syntax of --encoder (whether a timm model of that name exists is known when it is built)."""
+    if name in BUILTIN_ENCODERS or name == FEATURES:
+        return
+    if name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX) and "/" not in name[len(TIMM_PREFIX):]:
+        return
+    raise ValueError(f"unknown encoder {name!r}; expected one of {', '.join(BUILTIN_ENCODERS)}, or "
+                     f"{TIMM_PREFIX}<model name> for a timm backbone (e.g. {TIMM_PREFIX}tf_efficientnet_lite0)")
+
+
 def _choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"--{name} {value!r} is not one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
+class Preprocess:
+    """How a photo becomes the encoder's input, resolved from the encoder (encoders.resolve) and
+    stored in checkpoints and exports: resize, centre crop, normalise."""
+    size: int                             # side of the square crop the encoder sees
+    resize: int                           # the shorter side is resized to this first; == size: the whole image
+    interpolation: str                    # bilinear, bicubic, nearest or lanczos
+    mean: tuple[float, float, float]      # per-channel mean subtracted after scaling to [0, 1]
+    std: tuple[float, float, float]       # per-channel divisor
+    squash: bool = False                  # resize both sides to `resize` (aspect ratio not kept)
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"preprocessing interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+        if not 0 < self.size <= self.resize:
+            raise ValueError(f"preprocessing needs 0 < size <= resize, got size {self.size}, resize {self.resize}")
+        for name in ("mean", "std"):
+            values = tuple(float(v) for v in getattr(self, name))
+            if len(values) != 3 or (name == "std" and min(values) <= 0):
+                raise ValueError(f"preprocessing {name} must be 3 numbers (std > 0), got {getattr(self, name)}")
+            object.__setattr__(self, name, values)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int                       # V, from the vocabulary
-    encoder: str = "resnet50"             # resnet18/34/50/101/152, inception_v3, small_cnn, or "features" (no CNN)
-    pretrained: bool = True               # ImageNet weights through torchvision's weights API
-    encoder_weights: str | None = None    # local torchvision state-dict file instead of the download
+    encoder: str = "resnet50"             # resnet18/34/50/101/152, inception_v3, small_cnn, timm/NAME, or "features" (no CNN)
+    pretrained: bool = True               # pretrained weights: torchvision's download, or timm's (Hugging Face)
+    encoder_weights: str | None = None    # local weights file (safetensors or state dict) instead of the download
     encoded_size: int = 14                # adaptive pool of the feature map to S x S, P = S*S
     image_size: int | None = None         # input crop; None: the encoder's native size (224; 299 Inception)
-    feature_dim: int = 2048               # C; set from the backbone, or by the caller from a features file
+    crop_pct: float | None = None         # share of the resized shorter side the centre crop keeps; None: the encoder's own
+    feature_dim: int | None = None        # C; from the encoder spec, or by the caller from a features file
+    preprocess: Preprocess | None = None  # resize, crop, mean/std; from the encoder spec (encoders.resolve)
     encoder_proj_dim: int = 0             # 1x1 conv C -> N before attention; 0 = off
     fine_tune_encoder: bool = False       # train the encoder's last stages (frozen otherwise)
+    fine_tune_stages: int | None = None   # stages fine-tuning trains, counted from the top; None: the encoder's default
     # None: set from pretrained/encoder_weights. True (no pretrained weights): fine-tuning trains every
     # stage and BatchNorm uses batch statistics. Stored concretely, so a rebuild with pretrained=False
     # (from a checkpoint) keeps the behaviour it was trained with.
@@ -61,27 +107,29 @@ class ModelConfig:
     alpha_c: float = 1.0                  # weight of the doubly stochastic attention regularisation
 
     def __post_init__(self) -> None:
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"unknown encoder {self.encoder!r}; expected one of {', '.join(ENCODERS)}")
-        if self.encoder != "features":
-            # The backbone decides C; storing it keeps asdict(cfg) in a checkpoint self-describing.
-            object.__setattr__(self, "feature_dim", CHANNELS[self.encoder])
+        check_encoder_name(self.encoder)
+        if isinstance(self.preprocess, dict):  # read back from a checkpoint or config.json
+            object.__setattr__(self, "preprocess", Preprocess(**self.preprocess))
         if self.encoder == SMALL_CNN and (self.pretrained or self.encoder_weights):
             raise ValueError(f"--encoder {SMALL_CNN} has no pretrained weights; pass --no-pretrained "
                              f"(and --fine_tune_encoder to train it)")
         if self.encoder_from_scratch is None:
             object.__setattr__(self, "encoder_from_scratch", not (self.pretrained or self.encoder_weights))
-        if self.encoder == "features" and self.fine_tune_encoder:
+        if self.encoder == FEATURES and self.fine_tune_encoder:
             raise ValueError("--fine_tune_encoder needs an image encoder, but the model reads cached features")
-        for name in ("vocab_size", "encoded_size", "feature_dim", "embed_dim", "attention_dim",
-                     "decoder_dim", "num_layers"):
-            if int(getattr(self, name)) < 1:
+        if self.encoder == FEATURES and self.feature_dim is None:
+            raise ValueError("a features model needs feature_dim (the channels of its features file)")
+        for name in ("vocab_size", "encoded_size", "feature_dim", "fine_tune_stages", "embed_dim",
+                     "attention_dim", "decoder_dim", "num_layers"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.vocab_size < 5:
             raise ValueError(f"vocab_size must be at least 5 (4 special tokens and a word), got {self.vocab_size}")
         if self.image_size is not None and self.image_size < 32:
             raise ValueError(f"image_size must be at least 32 pixels (or None for the encoder's native size), "
                              f"got {self.image_size}")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1] (1: the whole shorter side), got {self.crop_pct}")
         if self.encoder_proj_dim < 0:
             raise ValueError(f"encoder_proj_dim must be 0 (off) or a positive channel count, got {self.encoder_proj_dim}")
         for name in ("dropout", "embed_dropout", "feature_dropout"):
@@ -92,8 +140,9 @@ class ModelConfig:
 
     @property
     def input_size(self) -> int:
-        """Side of the square crop the encoder sees."""
-        return self.image_size or NATIVE_SIZE.get(self.encoder, 224)
+        """Side of the square crop the encoder sees (a resolved config: encoders.resolve)."""
+        assert self.preprocess is not None, "resolve the config first (encoders.resolve)"
+        return self.preprocess.size
 
     @property
     def num_positions(self) -> int:
@@ -187,7 +236,7 @@ class TrainConfig:
     keep_last: int = 0                  # epoch_NNN.pt files kept; 0: all
     group_by_image: bool = True         # end to end: an image's captions share a batch and a CNN pass
     weights_dir: str = "weights"        # checkpoints, vocab.json, history.json, runs/
-    graphs_dir: str = "graphs"          # loss.png, bleu.png
+    graphs_dir: str | None = None       # loss.png, bleu.png, cider.png; None: <weights_dir>/graphs (eval: beside its results)
     features_dir: str | None = None     # train on features.npy + names.json from this folder
     features_root: str = "data/features"  # where cached encoder features are kept
     cache_features: bool = True         # frozen encoder: run the CNN once per image, cache it
@@ -230,6 +279,12 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.lr_factor < 1:
             raise ValueError(f"--lr_factor must be between 0 and 1, got {self.lr_factor}")
+
+    @property
+    def run_graphs_dir(self) -> str:
+        """Where this run's graphs go: --graphs_dir, else beside its checkpoints, so a second run
+        with another --weights_dir never finds the first run's graphs in its way."""
+        return self.graphs_dir if self.graphs_dir is not None else f"{self.weights_dir}/graphs"
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@ The folder holds four files, so that loading it runs no code and needs nothing f
 training outputs:
 - `model.safetensors`: the model's tensors (safetensors: a header and raw bytes, no pickle),
 - `vocab.json`: the word list (id = position),
-- `config.json`: the model config, the encoder's preprocessing, default decoding settings and the
-  folder's format version,
+- `config.json`: the model config, the encoder's preprocessing (`preprocessing`: size, resize,
+  interpolation, mean, std, squash; read back as the model config's `preprocess`), default decoding
+  settings (what `--mode test`, `eval` and `serve` use unless flags say otherwise) and the folder's
+  format version,
 - `README.md`: a model card (architecture, training data and split, metrics, how to caption, licence).
 
 `config.json` is written last: a folder without it is an interrupted export and is refused on load.
@@ -21,23 +23,24 @@ from pathlib import Path
 
 import checkpoint
 import diagnostics
+import encoders
 import fileio
 import hub
 from config import DecodeConfig, ModelConfig
-from model import image_transform
 
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- writing
 
 def export_model(ckpt: dict, out_dir: str | os.PathLike, *, eval_metrics: dict[str, dict] | None = None,
-                 decode_cfg: DecodeConfig | None = None, overwrite: bool = False,
+                 decode_cfg: DecodeConfig | dict | None = None, overwrite: bool = False,
                  source: str | None = None) -> Path:
     """Write the model folder for a loaded checkpoint dict; returns the folder.
 
     `eval_metrics` maps a split to its `eval_<split>.json` summary (`eval_summaries` finds them).
     A folder that exists and holds anything is refused unless `overwrite`; then only the four
-    export files are replaced and anything else in it is left alone.
+    export files are replaced and anything else in it is left alone. `decode_cfg`: the decoding
+    defaults written, or the flags typed (a dict) over the checkpoint's own (an exported folder's).
     """
     out = fileio.check_folder(out_dir, f"--output {out_dir}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -47,7 +50,7 @@ def export_model(ckpt: dict, out_dir: str | os.PathLike, *, eval_metrics: dict[s
     state = checkpoint.strip_module_prefix(ckpt["model"])
     # Refuse a checkpoint whose weights do not fit its config now, not when someone loads the export.
     checkpoint.model_from_checkpoint({**ckpt, "model": state})
-    decode_cfg = decode_cfg or DecodeConfig()
+    decode_cfg = checkpoint.decode_config_from(ckpt, decode_cfg)
     config = folder_config(ckpt, model_cfg, decode_cfg)
 
     from safetensors.torch import save as safetensors_bytes
@@ -66,30 +69,17 @@ def export_model(ckpt: dict, out_dir: str | os.PathLike, *, eval_metrics: dict[s
 
 
 def folder_config(ckpt: dict, model_cfg: ModelConfig, decode_cfg: DecodeConfig) -> dict:
-    """The contents of config.json."""
+    """The contents of config.json; the preprocessing is kept once, at the top (read_model_folder
+    puts it back into the model config)."""
     features = ckpt.get("features")
     needs = "features" if model_cfg.encoder == "features" else "images"
-    preprocessing = describe_transform(model_cfg) if needs == "images" else None
+    plain = checkpoint.to_plain(model_cfg)
+    preprocessing = plain.pop("preprocess")
     return {"format": checkpoint.FOLDER_FORMAT, "format_version": checkpoint.FORMAT_VERSION, "input": needs,
-            "model_config": dataclasses.asdict(model_cfg), "preprocessing": preprocessing,
+            "model_config": plain, "preprocessing": preprocessing,
             "decoding": dataclasses.asdict(decode_cfg),
             "features": features if isinstance(features, dict) else None,
             "epoch": ckpt.get("epoch"), "data_config": ckpt.get("data_config")}
-
-
-def describe_transform(model_cfg: ModelConfig) -> list[dict]:
-    """model.image_transform(cfg, train=False) as plain data, for readers outside this toolkit."""
-    steps = []
-    for t in image_transform(model_cfg, train=False).transforms:
-        step = {"op": type(t).__name__}
-        for attr in ("size", "mean", "std"):
-            if hasattr(t, attr):
-                value = getattr(t, attr)
-                step[attr] = list(value) if isinstance(value, (tuple, list)) else value
-        if hasattr(t, "interpolation"):
-            step["interpolation"] = str(t.interpolation.value)
-        steps.append(step)
-    return steps
 
 
 def eval_summaries(checkpoint_path: str | os.PathLike) -> dict[str, dict]:
@@ -110,9 +100,7 @@ def _architecture_lines(cfg: ModelConfig) -> list[str]:
     if cfg.encoder == "features":
         enc = f"no image encoder: reads precomputed features of {cfg.feature_dim} channels"
     else:
-        enc = (f"{cfg.encoder} ({'ImageNet-initialised' if not cfg.encoder_from_scratch else 'trained from scratch'}, "
-               f"{'fine-tuned' if cfg.fine_tune_encoder else 'frozen'}), {cfg.input_size} px input, "
-               f"{cfg.encoded_size}x{cfg.encoded_size} attention grid")
+        enc = encoders.describe(cfg)
     return [f"- Encoder: {enc}.",
             f"- Decoder: Show, Attend and Tell soft attention, {cfg.num_layers}-layer LSTM of {cfg.decoder_dim} units, "
             f"embedding {cfg.embed_dim}, attention {cfg.attention_dim}, vocabulary of {cfg.vocab_size} words."]
@@ -201,19 +189,10 @@ def model_card(config: dict, ckpt: dict, eval_metrics: dict[str, dict], name: st
     return "\n".join(lines)
 
 
-def decode_config_from(ckpt: dict, fallback: DecodeConfig | None = None) -> DecodeConfig:
-    """The decoding defaults an exported folder carries (fields this version lacks are ignored)."""
-    saved = ckpt.get("decoding")
-    if not isinstance(saved, dict):
-        return fallback or DecodeConfig()
-    known = {f.name for f in dataclasses.fields(DecodeConfig)}
-    return DecodeConfig(**{k: v for k, v in saved.items() if k in known})
-
-
 # ---------------------------------------------------------------------------- the command
 
 def run_export(checkpoint_path: str | os.PathLike, output: str | os.PathLike, *, push_to_hub: str | None = None,
-               private: bool = False, overwrite: bool = False, decode_cfg: DecodeConfig | None = None) -> Path:
+               private: bool = False, overwrite: bool = False, decode_cfg: DecodeConfig | dict | None = None) -> Path:
     """`--mode export`: write the folder, then (optionally) upload it; prints where it went.
 
     The folder is written before any upload, so a failed upload loses nothing.

@@ -3,8 +3,10 @@
 With a frozen encoder the CNN's output for an image never changes, so training runs it once per
 image and reads the features back, memory-mapped float16 (the public format of
 `data_utils.FeatureStore`), instead of running the CNN at every step. A cache folder's name is a
-key of the encoder, its weights, the image size, the pooling and the image list, so a random-init
-or fine-tuned encoder never reuses another's features.
+key of the encoder, its weights, its preprocessing, the pooling and the image list, so a
+random-init or fine-tuned encoder, or another resize/crop/normalisation, never reuses another's
+features. The weights enter as a hash of the tensors themselves, not of the file they came from:
+the features depend on nothing else, and a downloaded, converted or seeded encoder is keyed alike.
 
 Shape letters: b images of a batch, P encoder positions, C encoder channels.
 """
@@ -42,13 +44,14 @@ def _encoder_digest(encoder: nn.Module) -> str:
 
 
 def features_key(model_cfg: ModelConfig, encoder: nn.Module, names: list[str]) -> tuple[str, dict]:
-    """Cache key: encoder, its weights, image size, pooling and the image list."""
+    """Cache key: encoder, its weights, its preprocessing, pooling and the image list."""
     meta = {"encoder": model_cfg.encoder, "weights": _encoder_digest(encoder),
-            "image_size": model_cfg.image_size, "encoded_size": model_cfg.encoded_size,
+            "preprocess": to_plain(model_lib.resolve(model_cfg).preprocess),
+            "encoded_size": model_cfg.encoded_size,
             "images": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16],
             "num_images": len(names)}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{model_cfg.encoder}-{key}", meta
+    return f"{model_cfg.encoder.replace('/', '-')}-{key}", meta
 
 
 @torch.no_grad()
@@ -64,6 +67,7 @@ def extract_features(model: nn.Module, records: list, model_cfg: ModelConfig, ou
     """
     model = unwrap(model)
     model.eval()
+    model_cfg = model_lib.resolve(model_cfg)  # channels and preprocessing from the encoder spec
     transform = model_lib.image_transform(model_cfg, train=False)
     # Seeded: extracting (a cache miss) must leave the global RNG as a cache hit does.
     loader = data_utils.make_loader(data_utils.ImageDataset(records, transform=transform), batch_size,
@@ -140,7 +144,7 @@ def run_extract(data_cfg, model_cfg: ModelConfig, train_cfg: TrainConfig, out_di
     else:
         extract_features(model, records, model_cfg, target, device,
                          batch_size=train_cfg.batch_size, num_workers=data_cfg.num_workers,
-                         amp_dtype=amp_dtype, meta=dict(meta, model_config=to_plain(model_cfg)))
+                         amp_dtype=amp_dtype, meta=dict(meta, model_config=to_plain(model.cfg)))
     store = data_utils.FeatureStore.open(target)
     print(json.dumps({"features_dir": str(target), "images": len(store.names),
                       "positions": store.num_positions, "channels": store.channels,

@@ -33,11 +33,9 @@ from config import DataConfig, DecodeConfig, ModelConfig, ServeConfig, TrainConf
 MODES = ("train", "test", "eval", "extract", "export", "serve")
 CONFIGS = {DataConfig: "data", ModelConfig: "model", DecodeConfig: "decoding", TrainConfig: "training",
            ServeConfig: "serve"}
-# Fields without a flag: set from the vocabulary, the backbone or the features file, or derived.
-NO_FLAG = frozenset({"vocab_size", "feature_dim", "encoder_from_scratch"})
+# Fields without a flag: set from the vocabulary, the encoder spec or the features file, or derived.
+NO_FLAG = frozenset(config.DERIVED_FIELDS)
 CHOICES = {
-    # "features" is not chosen by hand: --features_dir makes the model read features.
-    "encoder": tuple(e for e in config.ENCODERS if e != "features"),
     "optimizer": config.OPTIMIZERS,
     "amp": config.AMP_MODES,
     "device": config.DEVICES,
@@ -46,9 +44,22 @@ CHOICES = {
     "scst_baseline": config.SCST_BASELINES,
     "select_by": config.SELECTION_SCORES,
 }
+
+
+def _encoder_name(text: str) -> str:
+    """--encoder's check at parse time (its names are open-ended: timm/NAME), as choices= are checked."""
+    try:
+        config.check_encoder_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("unknown encoder ")) from None
+    return text
+
+
+# Flags whose values are checked while parsing, like choices (the config checks them again).
+TYPES = {"encoder": _encoder_name}
 METAVARS = {"split_sizes": ("TRAIN", "VAL"), "hf_caption_columns": "NAME", "resume": "PATH|auto",
             "captions_file": "PATH", "images_dir": "DIR", "hf_dataset": "NAME_OR_PATH",
-            "encoder_weights": "PATH", "features_dir": "DIR", "init_from": "PATH"}
+            "encoder_weights": "FILE", "features_dir": "DIR", "graphs_dir": "DIR", "init_from": "PATH", "encoder": "NAME"}
 # Help texts longer than config.py's field comments (no defaults here: they are appended).
 HELP = {
     "dataset_path": "data set folder, layout auto-detected: original Flickr8k (Flickr8k_text/), Kaggle "
@@ -62,9 +73,22 @@ HELP = {
                           "unset: guessed (caption_0..caption_4, captions, sentences, caption, text)",
     "split_sizes": "images in train and val for seeded splits (Kaggle layout, demo, unsplit Hugging Face "
                    "sets), the rest is test; unset: 6000 1000, or 80/10/10 below 7,000 images",
-    "encoder": "image encoder backbone; small_cnn: 4 convolutions without pretrained weights, 64 px, "
-               "for quick runs (the demo)",
-    "image_size": "input crop size; unset: the encoder's own (224, 299 for inception_v3)",
+    "encoder": f"image encoder backbone: {', '.join(config.BUILTIN_ENCODERS)} (small_cnn: 4 convolutions "
+               f"without pretrained weights, 64 px, for quick runs: the demo), or {config.TIMM_PREFIX}NAME for "
+               f"any timm model (e.g. {config.TIMM_PREFIX}tf_efficientnet_lite0, {config.TIMM_PREFIX}convnext_tiny, "
+               f"{config.TIMM_PREFIX}vit_base_patch16_clip_224.openai; preprocessing from its pretrained config)",
+    "pretrained": "pretrained weights: torchvision's ImageNet download, or timm's through the Hugging Face "
+                  "cache (online); --encoder_weights FILE works offline",
+    "encoder_weights": "the backbone's weights from this file (safetensors or a torch state dict, read "
+                       "without pickle) instead of the download",
+    "image_size": "input crop size; unset: the encoder's own (224, 299 for inception_v3, a timm model's "
+                  "pretrained input size)",
+    "crop_pct": "share of the resized shorter side the centre crop keeps (resize = image_size / crop_pct; "
+                "1: the whole shorter side, nothing cut off a square photo); unset: the encoder's own "
+                "(224/256 for torchvision and tf_efficientnet_lite0)",
+    "fine_tune_stages": "with --fine_tune_encoder: stages that train, counted from the top; unset: resnets 3 "
+                        "(layer2-4), inception_v3 2 (Mixed_6, Mixed_7), small_cnn all, timm 3 (its last "
+                        "coarse parameter groups: tf_efficientnet_lite0 blocks.4-6 and conv_head, a ViT its last 3 blocks)",
     "batch_size": "captions per training step (per process under torchrun); test and eval: images "
                   "per batch, their own default unless given",
     "device": "auto = cuda when available, else cpu (every mode)",
@@ -140,6 +164,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls, taken: set[str]) -> 
                   "help": f"{text} [{_shown(f.default)}]".replace("%", "%%").strip()}
         if f.name in CHOICES:
             kwargs["choices"] = CHOICES[f.name]
+        if f.name in TYPES:
+            kwargs["type"] = TYPES[f.name]
         if "action" not in kwargs and f.name not in CHOICES:
             kwargs["metavar"] = METAVARS.get(f.name) or {int: "N", float: "X"}.get(kwargs["type"])
         group.add_argument(f"--{f.name}", **kwargs)
@@ -279,7 +305,7 @@ def _test(args: argparse.Namespace) -> int:
         raise ValueError("--mode test needs --image_path FILE_OR_FOLDER [...]")
     import test
 
-    test.run_test(args.image_path, _checkpoint(args, cfgs), cfgs.decode, output=args.output,
+    test.run_test(args.image_path, _checkpoint(args, cfgs), _decoding(args), output=args.output,
                   attention_map=args.attention_map, device=cfgs.train.device,
                   threads=cfgs.train.threads, overwrite=cfgs.train.overwrite,
                   **_typed(args, "batch_size", "num_workers"))
@@ -292,7 +318,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     t = cfgs.train
     test_eval.run_evaluation(
-        _checkpoint(args, cfgs), cfgs.data, cfgs.decode, split=args.split, features_dir=t.features_dir,
+        _checkpoint(args, cfgs), cfgs.data, _decoding(args), split=args.split, features_dir=t.features_dir,
         device=t.device, results_dir=args.results_dir, graphs_dir=t.graphs_dir,
         grid_images=args.grid_images, use_java=args.java, wandb_mode=t.wandb, wandb_project=t.wandb_project,
         wandb_entity=t.wandb_entity, overwrite=t.overwrite, threads=t.threads, resamples=args.bootstrap,
@@ -308,7 +334,7 @@ def _export(args: argparse.Namespace) -> int:
 
     export.run_export(_checkpoint(args, cfgs), args.output, push_to_hub=args.push_to_hub,
                       private=args.private, overwrite=cfgs.train.overwrite,
-                      decode_cfg=cfgs.decode if _typed_any(args, DecodeConfig) else None)
+                      decode_cfg=_decoding(args))
     return 0
 
 
@@ -317,13 +343,15 @@ def _serve(args: argparse.Namespace) -> int:
     import serve
 
     return serve.run_serve(_checkpoint(args, cfgs), host=cfgs.serve.host, port=cfgs.serve.port,
-                           decode_cfg=cfgs.decode, device=cfgs.train.device,
+                           decode_cfg=_decoding(args), device=cfgs.train.device,
                            max_bytes=cfgs.serve.max_upload_mb * 1024 * 1024)
 
 
-def _typed_any(args: argparse.Namespace, cls) -> bool:
-    """Whether the user gave any flag of `cls` (an export keeps the checkpoint's own defaults otherwise)."""
-    return any(f.name in given(args) for f in dataclasses.fields(cls))
+def _decoding(args: argparse.Namespace) -> dict:
+    """The decoding flags typed (checked by build_configs): they go over the checkpoint's own
+    defaults (an exported folder's `decoding`), field by field."""
+    names = {f.name for f in dataclasses.fields(DecodeConfig)}
+    return {k: v for k, v in given(args).items() if k in names}
 
 
 DISPATCH = {"train": _train, "test": _test, "eval": _eval, "extract": _extract, "export": _export,

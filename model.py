@@ -1,6 +1,6 @@
-"""Show, Attend and Tell with a torchvision encoder and a two-layer attention LSTM.
+"""Show, Attend and Tell: an image encoder and a two-layer attention LSTM.
 
-Encoder (ResNet-18..152 or Inception v3, average pool and classifier removed; or a small plain CNN
+Encoder (encoders.py: a torchvision ResNet or Inception v3, any timm backbone, or a small plain CNN
 for quick runs from random weights) -> adaptive pool to S x S -> P = S*S positions of C channels.
 Decoder: soft additive attention over the positions, a sigmoid gate on the attended context,
 stacked LSTM layers whose first layer reads the word embedding and the gated context, initial
@@ -17,197 +17,17 @@ This module knows nothing of files on disk (except a weights file named in the c
 from __future__ import annotations
 
 import logging
-import os
-import socket
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
-from torchvision import transforms as T
 
 import cpu_recurrence as cpu_rec
-from config import CHANNELS, SMALL_CNN, DecodeConfig, ModelConfig  # noqa: F401 (DecodeConfig: re-exported)
+from config import FEATURES, DecodeConfig, ModelConfig  # noqa: F401 (DecodeConfig: re-exported)
+# The encoder lives in encoders.py (the one place that knows a backbone); re-exported here.
+from encoders import Encoder, EncoderWeightsError, image_transform, resolve  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# A download that cannot connect must fail, not hang (torch.hub's urlopen has no timeout).
-DOWNLOAD_TIMEOUT_S = 30.0
-
-
-class EncoderWeightsError(ValueError):
-    """Pretrained encoder weights could not be downloaded or loaded."""
-
-
-# --------------------------------------------------------------------------------------------
-# Encoder
-# --------------------------------------------------------------------------------------------
-
-def _torchvision_model(name: str) -> nn.Module:
-    if name == "inception_v3":
-        # aux_logits=True keeps the AuxLogits keys so ImageNet state dicts load strictly;
-        # the aux head is discarded below (only the feature map is used).
-        return torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
-    return getattr(torchvision.models, name)(weights=None)
-
-
-def _expected_cache_path(name: str) -> str:
-    url = torchvision.models.get_model_weights(name).DEFAULT.url
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-
-
-def _download_state_dict(name: str) -> dict[str, Tensor]:
-    """ImageNet weights through torchvision (read from the torch hub cache when already there)."""
-    weights = torchvision.models.get_model_weights(name).DEFAULT
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        return weights.get_state_dict(progress=False)
-    except Exception as exc:  # URLError, timeouts, HTTP errors, a truncated file: all mean "no weights"
-        raise EncoderWeightsError(
-            f"could not get ImageNet weights for {name} ({type(exc).__name__}: {exc}); either copy "
-            f"{os.path.basename(weights.url)} (from {weights.url}) to {_expected_cache_path(name)}, "
-            f"or pass --encoder_weights PATH to a local state-dict file (or --no-pretrained)") from None
-    finally:
-        socket.setdefaulttimeout(old_timeout)
-
-
-def _load_weights_file(backbone: nn.Module, name: str, path: str) -> None:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--encoder_weights {path}: no such file (expected a torchvision {name} state dict)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise EncoderWeightsError(f"--encoder_weights {path}: cannot read a state dict ({type(exc).__name__}: "
-                                  f"{exc})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise EncoderWeightsError(f"--encoder_weights {path}: expected a state dict (name -> tensor) of a "
-                                  f"torchvision {name}")
-    # Files saved from a DataParallel-wrapped model carry a "module." prefix.
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    result = backbone.load_state_dict(state, strict=False)
-    head = ("fc.", "AuxLogits.")  # the classifier is not used, so a file without it is fine
-    missing = [k for k in result.missing_keys if not k.startswith(head)]
-    if missing or result.unexpected_keys:
-        raise EncoderWeightsError(
-            f"--encoder_weights {path} does not fit a torchvision {name}: {len(missing)} missing keys "
-            f"(e.g. {missing[:3]}), {len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})")
-    log.info("encoder %s: weights from %s", name, path)
-
-
-def _small_cnn() -> nn.Sequential:
-    """Three 3x3 stride-2 convolutions (32, 64, 128 channels) and a stride-1 one (128), each with
-    BatchNorm and ReLU: a 64 px image becomes an 8x8x128 map.
-
-    For quick runs from random weights (the demo preset). The demo needs a network that learns
-    shapes within minutes on a CPU: ResNet-18 from scratch does not (it sees colours and sizes,
-    not circle against square), and frozen random features plateau below the demo's target.
-    """
-    stages, channels = [], 3
-    for out, stride in ((32, 2), (64, 2), (128, 2), (CHANNELS[SMALL_CNN], 1)):
-        stages.append(nn.Sequential(nn.Conv2d(channels, out, 3, stride, 1, bias=False), nn.BatchNorm2d(out),
-                                    nn.ReLU(inplace=True)))
-        channels = out
-    return nn.Sequential(*stages)
-
-
-def _torchvision_body(cfg: ModelConfig) -> tuple[nn.Sequential, int]:
-    """The backbone's stages up to the last feature map, and the first stage fine-tuning trains."""
-    name = cfg.encoder
-    backbone = _torchvision_model(name)
-    if cfg.encoder_weights:
-        _load_weights_file(backbone, name, cfg.encoder_weights)
-    elif cfg.pretrained:
-        backbone.load_state_dict(_download_state_dict(name), strict=False)
-    if name == "inception_v3":
-        names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
-                 "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
-                 "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
-        tune_from = "Mixed_6a"
-    else:
-        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-        tune_from = "layer2"  # the last three stages, as in the reference tutorial
-    return nn.Sequential(*(getattr(backbone, n) for n in names)), names.index(tune_from)
-
-
-class Encoder(nn.Module):
-    """A CNN without pooling and classifier: images (B,3,H,W) -> feats (B,P,C)."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        name = cfg.encoder
-        # The small CNN has no pretrained weights (the config refuses them): every stage trains.
-        self.body, tune_from = (_small_cnn(), 0) if name == SMALL_CNN else _torchvision_body(cfg)
-        self.name = name
-        # Pretrained: the stem's generic filters stay. From scratch: there is nothing to keep.
-        self.from_scratch = bool(cfg.encoder_from_scratch)
-        self._tune_from = 0 if self.from_scratch else tune_from
-        self.pool = nn.AdaptiveAvgPool2d(cfg.encoded_size)
-        self.channels = CHANNELS[name]
-        self.fine_tune(cfg.fine_tune_encoder)
-
-    def fine_tune(self, enabled: bool) -> None:
-        """Frozen: nothing trains. Enabled: the last stages train (every stage when from scratch)."""
-        self.tuning = enabled
-        for i, stage in enumerate(self.body):
-            for p in stage.parameters():
-                p.requires_grad_(enabled and i >= self._tune_from)
-
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters the optimizer should get (its own learning rate); empty when frozen."""
-        return (p for p in self.parameters() if p.requires_grad)
-
-    def train(self, mode: bool = True) -> "Encoder":
-        # BatchNorm keeps the ImageNet statistics even when fine-tuning: caption batches (as small
-        # as 4 end to end) give noisy batch statistics, and a frozen encoder must not drift. Only
-        # an encoder trained from scratch has no statistics worth keeping.
-        super().train(mode)
-        if self.from_scratch and getattr(self, "tuning", False):
-            return self
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()
-        return self
-
-    def forward(self, images: Tensor) -> Tensor:
-        if self.name == "inception_v3":
-            # torchvision's Inception v3 weights expect inputs scaled to [-1, 1]; this turns ImageNet
-            # normalisation into that, as the classifier's transform_input=True does.
-            mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-            std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-            images = (images * std + mean - 0.5) / 0.5  # (B, 3, H, W)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
-            x = self.body(images)  # (B, C, h, w)
-        x = self.pool(x)  # (B, C, S, S)
-        return x.flatten(2).transpose(1, 2).contiguous()  # (B, P, C)
-
-
-def image_transform(cfg: ModelConfig, train: bool) -> Callable:
-    """PIL image -> normalised tensor (3, size, size), the preprocessing the encoder was built for.
-
-    Training crops at random and jitters brightness/contrast very mildly; there is no horizontal
-    flip and no hue change, because captions name left/right and colours. The torchvision
-    backbones get torchvision's resize-then-crop (the ImageNet weights were made with it); the
-    small CNN, trained from scratch, sees the whole image, so nothing at the border is cut off, and
-    trains on copies shifted by up to 1/16 of the side instead.
-    """
-    size = cfg.input_size
-    whole = cfg.encoder == SMALL_CNN
-    resize = size if whole else round(size * 256 / 224)  # 256 for 224, 342 for 299: torchvision's eval resize
-    steps: list = [T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True)]
-    if train:
-        shift = T.RandomCrop(size, padding=size // 16, padding_mode="edge") if whole else T.RandomCrop(size)
-        steps += [shift, T.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.05)]
-    else:
-        steps += [T.CenterCrop(size)]
-    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return T.Compose(steps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,8 +198,9 @@ class AttentionDecoder(nn.Module):
 class CaptionModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        cfg = resolve(cfg)  # channels and preprocessing from the encoder spec
         self.cfg = cfg
-        self.encoder = Encoder(cfg) if cfg.encoder != "features" else None
+        self.encoder = Encoder(cfg) if cfg.encoder != FEATURES else None
         self.decoder = AttentionDecoder(cfg)
 
     def encode(self, images: Tensor) -> Tensor:
@@ -410,7 +231,8 @@ class CaptionModel(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> CaptionModel:
-    """The model of `cfg`; raises EncoderWeightsError when pretrained weights cannot be had."""
+    """The model of `cfg` (its `.cfg` resolved: encoders.resolve); raises EncoderWeightsError when
+    pretrained weights cannot be had."""
     return CaptionModel(cfg)
 
 

@@ -35,7 +35,7 @@ def resolve_resume(resume: str | None, weights_dir: Path) -> Path | None:
 
 def earlier_run_files(cfg: TrainConfig) -> list[Path]:
     """Files of an earlier run that a new run in these folders would replace."""
-    weights_dir, graphs_dir = Path(cfg.weights_dir), Path(cfg.graphs_dir)
+    weights_dir, graphs_dir = Path(cfg.weights_dir), Path(cfg.run_graphs_dir)
     found = [weights_dir / n for n in RUN_FILES] + sorted(weights_dir.glob("epoch_*.pt"))
     found += [graphs_dir / n for n in GRAPH_FILES]
     return [p for p in found if p.exists()]
@@ -44,7 +44,8 @@ def earlier_run_files(cfg: TrainConfig) -> list[Path]:
 def protect_earlier_run(cfg: TrainConfig, d: Dist) -> None:
     """A new run never silently replaces an earlier one: refuse, or (--overwrite) remove it."""
     found = earlier_run_files(cfg)
-    where = "--weights_dir NEW" + (" / --graphs_dir NEW" if any(p.suffix == ".png" for p in found) else "")
+    given_graphs = cfg.graphs_dir is not None and any(p.suffix == ".png" for p in found)
+    where = "--weights_dir NEW" + (" / --graphs_dir NEW" if given_graphs else "")
     fileio.refuse_to_replace(found, overwrite=cfg.overwrite, what="holds an earlier training run",
                              ways_out=f"--resume auto to continue it, {where} for another run, or --overwrite "
                                       f"to replace it")
@@ -76,4 +77,4 @@ def save_epoch_files(snapshot: dict, history: list[dict], cfg: TrainConfig, *, i
         ckpt_lib.save_checkpoint(weights_dir / f"epoch_{epoch:03d}.pt", snapshot)
         prune_periodic(weights_dir, cfg.keep_last)
     fileio.write_json(weights_dir / "history.json", history)
-    plots.plot_history(history, cfg.graphs_dir)
+    plots.plot_history(history, cfg.run_graphs_dir)

@@ -89,9 +89,9 @@ def caption_image(captioner: test.Captioner, image, decode_cfg: DecodeConfig) ->
             "_alphas": out.alphas[0].float().cpu(), "_input": x[0]}  # (L, P), (3, H, W)
 
 
-def attention_png(model_input, words: list[str], alphas) -> bytes:
+def attention_png(model_input, words: list[str], alphas, preprocess) -> bytes:
     """The --attention_map figure (photo + one panel per word) as PNG bytes."""
-    fig = plots.attention_figure(test.display_image(model_input), words, alphas)
+    fig = plots.attention_figure(test.display_image(model_input, preprocess), words, alphas)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     return buf.getvalue()
@@ -115,7 +115,7 @@ def create_app(captioner: test.Captioner, decode_cfg: DecodeConfig, *, max_bytes
             result = caption_image(captioner, image, decode_cfg)
         alphas, model_input = result.pop("_alphas"), result.pop("_input")
         if attention:
-            png = attention_png(model_input, result["words"], alphas)
+            png = attention_png(model_input, result["words"], alphas, captioner.model_cfg.preprocess)
             result["attention_png"] = base64.b64encode(png).decode("ascii")
         return result
 
@@ -178,13 +178,15 @@ def make_server(app, sock: socket.socket):
 
 
 def run_serve(checkpoint, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-              decode_cfg: DecodeConfig = DecodeConfig(), device: str = "auto",
+              decode_cfg: DecodeConfig | dict | None = None, device: str = "auto",
               max_bytes: int = MAX_UPLOAD_BYTES) -> int:
-    """`--mode serve`: load the model once, then serve the page until Ctrl-C; returns 0."""
+    """`--mode serve`: load the model once, then serve the page until Ctrl-C; returns 0.
+
+    `decode_cfg`: a DecodeConfig, or the decoding flags typed (dict) over the checkpoint's defaults."""
     sock = bind(host, port)  # first, so a busy port fails before the model loads
     try:
         captioner = test.load_captioner(checkpoint, device)
-        app = create_app(captioner, decode_cfg, max_bytes=max_bytes)
+        app = create_app(captioner, captioner.decode_config(decode_cfg), max_bytes=max_bytes)
     except BaseException:
         sock.close()
         raise

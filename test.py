@@ -30,7 +30,8 @@ import devices
 import fileio
 import plots
 from config import DecodeConfig
-from model import IMAGENET_MEAN, IMAGENET_STD, CaptionModel, image_transform
+from config import Preprocess
+from model import CaptionModel, image_transform
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ class Captioner:
     source: str                   # the checkpoint path, for messages
     epoch: int | None = None      # training epoch the checkpoint was saved at
     features: dict | None = None  # the features directory a features model was trained on
+    decoding: dict | None = None  # an exported folder's default decoding settings
+
+    def decode_config(self, given: DecodeConfig | dict | None) -> DecodeConfig:
+        """A DecodeConfig as given; else the folder's defaults with `given` (the flags typed) on top."""
+        return ckpt_lib.decode_config_from({"decoding": self.decoding}, given)
 
 
 def load_captioner(checkpoint, device="auto", *, need_encoder: bool = True) -> Captioner:
@@ -74,7 +80,8 @@ def load_captioner(checkpoint, device="auto", *, need_encoder: bool = True) -> C
     model, vocab, cfg = ckpt_lib.model_from_checkpoint(ckpt)
     model.to(dev).eval()
     transform = image_transform(cfg, train=False) if cfg.encoder != "features" else None
-    return Captioner(model, vocab, cfg, transform, dev, source, ckpt.get("epoch"), ckpt.get("features"))
+    return Captioner(model, vocab, cfg, transform, dev, source, ckpt.get("epoch"), ckpt.get("features"),
+                     ckpt.get("decoding"))
 
 
 # ---------------------------------------------------------------- photos
@@ -157,10 +164,10 @@ def caption_paths(paths: Sequence, checkpoint, decode_cfg: DecodeConfig, device=
 
 # ---------------------------------------------------------------- attention figures
 
-def display_image(x: torch.Tensor) -> np.ndarray:
-    """Undo the ImageNet normalisation of a (3, H, W) model input: (H, W, 3) floats in [0, 1]."""
+def display_image(x: torch.Tensor, preprocess: Preprocess) -> np.ndarray:
+    """Undo the model's normalisation of a (3, H, W) input: (H, W, 3) floats in [0, 1]."""
     arr = x.detach().float().cpu().numpy()  # (3, H, W)
-    arr = arr * np.array(IMAGENET_STD)[:, None, None] + np.array(IMAGENET_MEAN)[:, None, None]
+    arr = arr * np.array(preprocess.std)[:, None, None] + np.array(preprocess.mean)[:, None, None]
     return np.clip(arr.transpose(1, 2, 0), 0.0, 1.0)  # (H, W, 3)
 
 
@@ -202,7 +209,7 @@ def _unique_stems(images: Sequence[str]) -> list[str]:
 def save_attention_maps(captioner: Captioner, files: Sequence[Path], captions, paths: Sequence[Path]) -> list[Path]:
     """One figure per photo (at `paths`), drawn on the crop the model saw so the attention grid lines up."""
     for path, file, cap in zip(paths, files, captions):
-        photo = display_image(captioner.transform(open_image(file)))  # (H, W, 3)
+        photo = display_image(captioner.transform(open_image(file)), captioner.model_cfg.preprocess)  # (H, W, 3)
         plots.save_attention_figure(path, photo, cap.words, cap.alphas, title=file.name)
         logger.info("attention map for %s: %s", file, path)
     return paths
@@ -230,12 +237,14 @@ def _protect_earlier_files(output: str | None, figures: Sequence[Path], overwrit
         logger.warning("--overwrite: replacing the earlier attention figures %s", ", ".join(map(str, found)))
 
 
-def run_test(image_paths: Sequence[str], checkpoint, decode_cfg: DecodeConfig, *,
+def run_test(image_paths: Sequence[str], checkpoint, decode_cfg: DecodeConfig | dict | None = None, *,
              output: str | None = None, attention_map: str | None = None, device: str = "auto",
              batch_size: int = 16, num_workers: int = 0, threads: int | None = None,
              overwrite: bool = False) -> list[dict]:
     """`--mode test`: caption the images, print them (or write JSON), draw attention maps.
 
+    `decode_cfg`: a DecodeConfig, or the decoding flags typed (a dict, None: none) over the
+    checkpoint's own defaults (an exported folder's `decoding`, else DecodeConfig's).
     `attention_map` None: no figures; "" (the flag alone): default location in graphs/.
     Prints one caption per image (just the caption for a single image; `path<TAB>caption` for
     several). With `output`, writes a JSON list of {"image", "caption"} and prints its path.
@@ -247,7 +256,8 @@ def run_test(image_paths: Sequence[str], checkpoint, decode_cfg: DecodeConfig, *
     figures = attention_paths(attention_map, [str(p) for p in files]) if attention_map is not None else []
     _protect_earlier_files(output, figures, overwrite)
     captioner = load_captioner(checkpoint, device)
-    captions = caption_files(captioner, files, decode_cfg, batch_size=batch_size, num_workers=num_workers)
+    captions = caption_files(captioner, files, captioner.decode_config(decode_cfg), batch_size=batch_size,
+                             num_workers=num_workers)
     rows = [{"image": str(files[c.index]), "caption": " ".join(c.words)} for c in captions]
     if attention_map is not None:
         for row, path in zip(rows, save_attention_maps(captioner, files, captions, figures)):

@@ -129,7 +129,8 @@ def _output_paths(checkpoint_path: Path, split: str, results_dir, graphs_dir,
     earlier evaluation of the split replaced unless `overwrite` (the policy of training's files)."""
     given = f"--results_dir {results_dir}" if results_dir is not None else "the checkpoint's folder"
     results_dir = fileio.check_folder(checkpoint_path.parent if results_dir is None else results_dir, given)
-    graphs_dir = fileio.check_folder(graphs_dir, f"--graphs_dir {graphs_dir}")
+    graphs_dir = fileio.check_folder(results_dir / "graphs" if graphs_dir is None else graphs_dir,
+                                     f"--graphs_dir {graphs_dir}" if graphs_dir is not None else given)
     results = [results_dir / f"eval_{split}.json", results_dir / f"captions_{split}.json"]
     results += [results_dir / f"eval_{split}.html"] if with_report else []
     figures = list(_figure_paths(graphs_dir, split).values())
@@ -305,9 +306,10 @@ def _write_outputs(summary: dict, a: Scored, records, sample, alphas, results_di
     return time.perf_counter() - t
 
 
-def run_evaluation(checkpoint_path, data_cfg: DataConfig, decode_cfg: DecodeConfig, *, split: str = "test",
+def run_evaluation(checkpoint_path, data_cfg: DataConfig, decode_cfg: DecodeConfig | dict | None = None, *,
+                   split: str = "test",
                    features_dir=None, batch_size: int = 32, num_workers: int | None = None,
-                   device: str = "auto", results_dir=None, graphs_dir=Path("graphs"),
+                   device: str = "auto", results_dir=None, graphs_dir=None,
                    grid_images: int = 6, use_java: bool | None = None, wandb_mode: str = "disabled",
                    wandb_project: str = "captioner", wandb_entity: str | None = None,
                    overwrite: bool = False, threads: int | None = None,
@@ -319,8 +321,8 @@ def run_evaluation(checkpoint_path, data_cfg: DataConfig, decode_cfg: DecodeConf
     how they were computed, decoding settings, checkpoint, image counts, timings, per-image scores),
     `captions_<split>.json` (COCO results format: [{"image_id", "caption"}]) and (`with_report`) the page
     `eval_<split>.html` in `results_dir` (default: the checkpoint's folder), and
-    `eval_<split>_scores.png` / `eval_<split>_grid.png` in `graphs_dir`. `compare` (a checkpoint or
-    a captions_<split>.json) is scored on the same images: B - A with a paired bootstrap interval.
+    `eval_<split>_scores.png` / `eval_<split>_grid.png` in `graphs_dir` (default: `graphs/` beside the
+    results). `compare` (a checkpoint or a captions_<split>.json) is scored on the same images: B - A.
     Prints the tables. An earlier evaluation's files are refused (before decoding) unless `overwrite`.
     Returns the summary written to `eval_<split>.json`.
     """
@@ -329,6 +331,7 @@ def run_evaluation(checkpoint_path, data_cfg: DataConfig, decode_cfg: DecodeConf
     checkpoint_path = Path(checkpoint_path)
     results_dir, graphs_dir = _output_paths(checkpoint_path, split, results_dir, graphs_dir, overwrite, with_report)
     captioner = captioning.load_captioner(checkpoint_path, device, need_encoder=False)
+    decode_cfg = captioner.decode_config(decode_cfg)  # flags typed over an exported folder's defaults
     given_features, features_dir = features_dir, _features_dir(captioner, checkpoint_path, features_dir)
     splits, records = _split_records(data_cfg, split)
     logger.info("evaluating %s: %d images of the %s split of %s", checkpoint_path, len(records),

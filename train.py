@@ -34,7 +34,7 @@ from torch import nn
 
 import checkpoint as ckpt_lib
 from cider import corpus_cider
-from config import DecodeConfig, TrainConfig
+from config import INIT_FIELDS, TRAINING_FIELDS, DecodeConfig, TrainConfig
 import data_utils
 import decoding
 from devices import Dist, autocast, init_distributed, resolve_amp, resolve_device, set_threads, to_device, unwrap
@@ -258,14 +258,16 @@ def _teacher_forced(loader, model: nn.Module, device: torch.device, alpha_c: flo
                     amp_dtype: torch.dtype | None, show_progress: bool) -> tuple[float, float]:
     """Mean loss and token accuracy of the validation captions (logged only), one sync."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss x captions, captions, correct, tokens
+    # Images: the captions of one image (neighbours in the loader) share an encoder pass.
+    step = TrainStep(model).eval()
     for batch in progress(loader, desc="val loss", leave=False, show=show_progress):
         if len(batch) == 0:
             continue
         captions = to_device(batch.captions, device)  # (B, T)
         lengths = to_device(batch.lengths, device)  # (B,)
         with autocast(device, amp_dtype):
-            feats = model.features(to_device(batch.inputs, device))  # (B, P, C)
-            loss, _, logits = compute_loss(model.decoder, feats, captions, lengths, alpha_c)
+            loss, _, logits = compute_loss(step, to_device(batch.inputs, device), captions, lengths, alpha_c,
+                                           to_device(batch.image_idx, device))
         finite = torch.isfinite(loss).double()
         correct, tokens = token_accuracy(logits, captions, lengths)
         n = captions.size(0)
@@ -472,6 +474,7 @@ def _start(data_cfg, model_cfg, cfg: TrainConfig, d: Dist) -> tuple[Run, dict | 
                     else "from ImageNet weights", model_cfg.image_size or "native",
                     "trained end to end" if model_cfg.fine_tune_encoder else "frozen")
     _check_init_from(cfg)
+    model_lib.resolve(model_cfg)  # an unknown timm model or a size it refuses fails before the data loads
     resume_path = resolve_resume(cfg.resume, Path(cfg.weights_dir))
     if resume_path is None:
         protect_earlier_run(cfg, d)
@@ -534,9 +537,9 @@ def _external_features(run: Run) -> None:
     # Fields about images mean nothing without a CNN: canonical values, so resuming compares
     # only what matters.
     run.model_cfg = dataclasses.replace(
-        model_cfg, encoder="features", feature_dim=store.channels, image_size=None,
+        model_cfg, encoder="features", feature_dim=store.channels, image_size=None, crop_pct=None, preprocess=None,
         encoded_size=_side(store.num_positions, model_cfg.encoded_size), pretrained=False,
-        encoder_weights=None, encoder_from_scratch=False)
+        encoder_weights=None, encoder_from_scratch=False, fine_tune_stages=None)
     run.store = store
     run.features = {"dir": str(cfg.features_dir), "positions": store.num_positions,
                     "channels": store.channels}
@@ -552,7 +555,8 @@ def _build_model(run: Run, ckpt: dict | None, resume_path: Path | None) -> None:
     if ckpt is None and run.init is not None:
         _check_init_fits(run.init, model_cfg, run.cfg.init_from)
     run.model, run.model_cfg = ckpt_lib.build_or_restore_model(
-        model_cfg, ckpt if ckpt is not None else run.init, resume_path or run.cfg.init_from or "checkpoint")
+        model_cfg, ckpt if ckpt is not None else run.init, resume_path or run.cfg.init_from or "checkpoint",
+        ignore=INIT_FIELDS if ckpt is not None else INIT_FIELDS + TRAINING_FIELDS)
     run.model.to(run.device)
     if run.d.rank > 0:
         # Other dropout masks and augmentations per rank, once the weights are built alike.
@@ -573,9 +577,9 @@ def _build_model(run: Run, ckpt: dict | None, resume_path: Path | None) -> None:
 
 
 def _check_init_fits(init: dict, model_cfg, path: str) -> None:
-    """--init_from's model must be the requested one (weights of another shape cannot load)."""
-    ckpt_lib.check_model_config(init, model_cfg, f"--init_from {path}",
-                                ignore=ckpt_lib.INIT_ONLY_FIELDS + ("encoder_from_scratch",),
+    """--init_from's model must be the requested one (weights of another shape cannot load); how it
+    trains may differ (e.g. --fine_tune_encoder from a frozen run)."""
+    ckpt_lib.check_model_config(init, model_cfg, f"--init_from {path}", ignore=INIT_FIELDS + TRAINING_FIELDS,
                                 way_out="pass the model flags of the run that trained it")
 
 

@@ -19,7 +19,7 @@ MAX_FUNCTION_LINES = 60
 MAX_FILE_LINES = 800
 # Imports that may sit inside a function: optional dependencies, and main.py's per-mode dispatch.
 OPTIONAL_IMPORTS = frozenset({"wandb", "torch.utils.tensorboard", "datasets", "pycocoevalcap",
-                              "huggingface_hub", "safetensors", "uvicorn", "fastapi", "selenium"})
+                              "huggingface_hub", "safetensors", "uvicorn", "fastapi", "selenium", "timm"})
 
 
 def top_level_modules(root: Path = ROOT) -> dict[str, Path]:

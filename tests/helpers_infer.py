@@ -100,11 +100,11 @@ def train_tiny(cfg, steps: int = 80, seed: int = 0, per_kind: int = 2):
     """
     torch.manual_seed(seed)
     m = model.build_model(cfg)
-    tf = model.image_transform(cfg, train=False)
+    tf = model.image_transform(cfg, train=False) if cfg.encoder != "features" else None
     images, caps = [], []
     for i, kind in enumerate(KINDS):
         for j in range(per_kind):
-            images.append(tf(photo(kind, seed + 100 * i + j)))
+            images.append(tf(photo(kind, seed + 100 * i + j)) if tf else torch.zeros(3, 64, 64))
             caps.append(_encode(KINDS[kind][1]))
     x = torch.stack(images)  # (B, 3, 64, 64)
     if cfg.encoder == "features":
@@ -126,13 +126,14 @@ def train_tiny(cfg, steps: int = 80, seed: int = 0, per_kind: int = 2):
 
 def checkpoint_state(m, cfg) -> dict:
     """A checkpoint of the tiny model, made by the builder training saves with
-    (checkpoint.training_checkpoint), so this fixture cannot drift from what training writes."""
+    (checkpoint.training_checkpoint), so this fixture cannot drift from what training writes; the
+    model config resolved (encoders.resolve), as training stores it."""
     train_cfg = TrainConfig(wandb="disabled")
     optimizer = train.make_optimizer(m, cfg, train_cfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max")
     return checkpoint.training_checkpoint(
         # trained on photos (not the demo set): recorded as a photo data set's folder
-        m, Vocabulary(VOCAB), cfg, train_cfg=train_cfg, data_cfg=DataConfig(dataset_path="coloured-photos"),
+        m, Vocabulary(VOCAB), m.cfg, train_cfg=train_cfg, data_cfg=DataConfig(dataset_path="coloured-photos"),
         epoch=3, best_score=0.0,
         history=[], optimizer=optimizer, scheduler=scheduler, scaler=train.make_scaler(torch.device("cpu"), None),
         early_stopping={"best": 0.0, "bad_epochs": 0}, features=None)

@@ -183,8 +183,8 @@ def test_eval_writes_results_and_pictures_and_decodes_each_image_once(tiny_set, 
     assert all(set(c) == {"image_id", "caption"} for c in captions)
     # The printed table holds the same numbers as the JSON.
     assert f"{summary['metrics']['BLEU-4']:.4f}" in out and "METEOR" in out and "n/a" in out
-    for picture in ("eval_test_scores.png", "eval_test_grid.png"):
-        assert (tmp_path / "graphs" / picture).stat().st_size > 10_000
+    for picture in ("eval_test_scores.png", "eval_test_grid.png"):  # beside the results, with the run
+        assert (results / "graphs" / picture).stat().st_size > 10_000
 
 
 def test_eval_on_a_features_directory_and_the_folder_training_recorded(tmp_path, tmp_path_factory, monkeypatch):
@@ -198,7 +198,7 @@ def test_eval_on_a_features_directory_and_the_folder_training_recorded(tmp_path,
                                        results_dir=tmp_path / "given", **run)
     assert summary["num_images"] == 2 and summary["encoder"] == "features"
     assert summary["data"]["features_dir"] == str(feats_dir)
-    assert (tmp_path / "given" / "eval_val.json").is_file() and (tmp_path / "graphs" / "eval_val_grid.png").is_file()
+    assert (tmp_path / "given" / "eval_val.json").is_file() and (tmp_path / "given" / "graphs" / "eval_val_grid.png").is_file()
     # Without --features_dir: the folder the checkpoint was trained on, the same captions.
     fallback = test_eval.run_evaluation(ckpt, cfg, model.DecodeConfig(beam_size=2), results_dir=tmp_path / "recorded",
                                         overwrite=True, **run)

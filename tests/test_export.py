@@ -55,10 +55,13 @@ def test_the_folder_has_the_four_files_and_loads_to_the_same_model(tiny_pt, fold
     for k, v in original["model"].items():
         assert torch.equal(loaded["model"][k], v), k
     assert _caption(loaded) == _caption(original)
-    assert export.decode_config_from(loaded) == DecodeConfig(beam_size=3)
+    assert checkpoint.decode_config_from(loaded) == DecodeConfig(beam_size=3)
     config = json.loads((folder / "config.json").read_text())
     assert config["format_version"] == checkpoint.FORMAT_VERSION and config["input"] == "images"
-    assert [s["op"] for s in config["preprocessing"]] == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    # The preprocessing is kept once, at the top, and read back into the model config.
+    assert "preprocess" not in config["model_config"]
+    assert config["preprocessing"] == {"size": 64, "resize": 73, "interpolation": "bilinear", "squash": False,
+                                       "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 def test_the_model_card_says_not_evaluated_without_eval_results(folder):
@@ -306,3 +309,22 @@ def test_export_without_output_is_a_one_line_error(tiny_pt, capsys):
     assert main.main(["--mode", "export", "--checkpoint", str(tiny_pt)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --mode export needs --output") and "\n" not in err
+
+
+def test_the_folders_decoding_defaults_are_used_under_the_flags_typed(tiny_pt, tmp_path, capsys):
+    photo = hi.make_photo(tmp_path / "blue.png", "blue", 3)
+    out = tmp_path / "short"
+    assert main.main(["--mode", "export", "--checkpoint", str(tiny_pt), "--output", str(out), "--max_len", "2"]) == 0
+    assert checkpoint.read_model_folder(out)["decoding"]["max_len"] == 2
+    words = {}
+    for name, flags in (("folder", []), ("beam", ["--beam_size", "3"]), ("long", ["--max_len", "35"])):
+        capsys.readouterr()
+        assert main.main(["--mode", "test", "--checkpoint", str(out), "--image_path", str(photo), *flags]) == 0
+        words[name] = capsys.readouterr().out.split()
+    # The folder says at most 2 tokens (<eos> counts); a typed flag changes only its own field.
+    assert len(words["folder"]) <= 2 and len(words["beam"]) <= 2 and len(words["long"]) > 2
+    # A re-export of the folder keeps its defaults unless flags say otherwise.
+    again = tmp_path / "again"
+    assert main.main(["--mode", "export", "--checkpoint", str(out), "--output", str(again), "--beam_size", "2"]) == 0
+    assert {k: checkpoint.read_model_folder(again)["decoding"][k] for k in ("max_len", "beam_size")} == \
+        {"max_len": 2, "beam_size": 2}

@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 import decoding
+import encoders
 import model as M
 
 SOS, EOS, UNK = 1, 2, 3
@@ -75,10 +77,13 @@ def test_config_rejects_bad_values_with_the_valid_choices():
         M.ModelConfig(vocab_size=10, encoder="features", fine_tune_encoder=True)
     with pytest.raises(ValueError, match="beam_size"):
         M.DecodeConfig(beam_size=0)
-    # The backbone, not the default, decides C.
-    assert M.ModelConfig(vocab_size=10, encoder="resnet18").feature_dim == 512
-    assert M.ModelConfig(vocab_size=10, encoder="features", feature_dim=300).feature_dim == 300
-    assert M.ModelConfig(vocab_size=10, encoder="inception_v3").input_size == 299
+    with pytest.raises(ValueError, match="needs feature_dim"):
+        M.ModelConfig(vocab_size=10, encoder="features")
+    # The encoder spec, not a default, decides C and the input (encoders.resolve).
+    assert M.ModelConfig(vocab_size=10, encoder="resnet18").feature_dim is None
+    assert M.resolve(M.ModelConfig(vocab_size=10, encoder="resnet18")).feature_dim == 512
+    assert M.resolve(M.ModelConfig(vocab_size=10, encoder="features", feature_dim=300)).feature_dim == 300
+    assert M.resolve(M.ModelConfig(vocab_size=10, encoder="inception_v3")).input_size == 299
 
 
 def test_flags_match_config_fields_and_help_states_the_real_defaults():
@@ -88,8 +93,8 @@ def test_flags_match_config_fields_and_help_states_the_real_defaults():
     actions = {a.dest: a for a in parser._actions}
     for cls in (M.ModelConfig, M.DecodeConfig):
         for f in dataclasses.fields(cls):
-            if f.name in ("vocab_size", "feature_dim", "encoder_from_scratch"):
-                continue  # set by the caller (vocabulary, features file) or derived
+            if f.name in config.DERIVED_FIELDS:
+                continue  # set by the caller (vocabulary, features file), the encoder spec, or derived
             assert f.name in actions, f"no --{f.name} flag"
             shown = re.search(r"\[([^\]]+)\]", actions[f.name].help or "")
             if f.default is None or shown is None:
@@ -111,6 +116,7 @@ def test_each_backbone_gives_finite_outputs_of_the_right_shape(name):
     cfg = M.ModelConfig(vocab_size=30, encoder=name, pretrained=False, encoded_size=3,
                         image_size=75 if name == "inception_v3" else 64, **TINY)
     model = M.build_model(cfg).eval()
+    cfg = model.cfg  # resolved: channels and input size from the encoder spec
     images = torch.randn(2, 3, cfg.input_size, cfg.input_size)
     feats = model.encode(images)
     assert feats.shape == (2, 9, cfg.feature_dim)
@@ -210,7 +216,8 @@ def test_small_cnn_has_no_pretrained_weights_trains_whole_and_sees_the_whole_ima
             M.ModelConfig(vocab_size=30, encoder="small_cnn", **bad)
     cfg = M.ModelConfig(vocab_size=30, encoder="small_cnn", pretrained=False, fine_tune_encoder=True,
                         encoded_size=8, **TINY)
-    assert (cfg.input_size, cfg.feature_dim, cfg.encoder_from_scratch) == (64, 128, True)
+    resolved = M.resolve(cfg)
+    assert (resolved.input_size, resolved.feature_dim, cfg.encoder_from_scratch) == (64, 128, True)
     model = M.build_model(cfg).train()
     assert all(p.requires_grad for p in model.encoder.parameters())
     images = torch.randn(4, 3, 64, 64)
@@ -245,7 +252,7 @@ def test_failed_download_names_both_ways_out_and_restores_the_socket_timeout(mon
     assert isinstance(info.value, ValueError) and "\n" not in message
     assert "--encoder_weights" in message and "resnet18-f37072fd.pth" in message
     assert str(torch.hub.get_dir()) in message  # the real cache path to copy the file to
-    assert seen["timeout"] == M.DOWNLOAD_TIMEOUT_S and socket.getdefaulttimeout() == before
+    assert seen["timeout"] == encoders.DOWNLOAD_TIMEOUT_S and socket.getdefaulttimeout() == before
 
 
 def test_encoder_weights_file_loads_and_bad_files_are_named(tmp_path):

@@ -472,6 +472,21 @@ def test_train_step_runs_the_encoder_once_per_distinct_image():
     torch.testing.assert_close(logits, expected)
 
 
+def test_validation_loss_runs_the_encoder_once_per_image_of_a_batch(dataset, tmp_path):
+    # End to end (fine-tuning), the validation captions of one image share an encoder pass too.
+    data_cfg, model_cfg, _ = configs(dataset, tmp_path)
+    splits = data_utils.load_dataset(data_cfg)
+    vocab = data_utils.build_vocabulary(splits, 1)
+    model = model_lib.build_model(dataclasses.replace(model_cfg, vocab_size=len(vocab))).eval()
+    val = data_utils.CaptionDataset(splits.val, vocab, transform=model_lib.image_transform(model.cfg, False))
+    seen = []
+    hook = model.encoder.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    with torch.no_grad():
+        loss, acc = train._teacher_forced(data_utils.make_loader(val, 8), model, torch.device("cpu"), 1.0, None, False)
+    hook.remove()
+    assert seen == [4] and len(val) == 8 and np.isfinite(loss)  # 4 images x 2 captions, one batch
+
+
 def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     train.seed_everything(5)
     state = ck.rng_state()
@@ -551,6 +566,24 @@ def test_a_new_run_refuses_to_replace_an_earlier_one_unless_overwrite(dataset, f
     assert (tmp_path / "weights" / "last.pt").read_bytes() == before
     assert cli.main(argv + ["--overwrite", "--seed", "1"]) == 0
     assert (tmp_path / "weights" / "last.pt").read_bytes() != before
+
+
+def test_readme_scst_run_after_a_default_run_keeps_each_runs_graphs_with_it(dataset, feature_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    # The README's commands in order, default folders: the SCST run and both evaluations write their
+    # graphs beside their own checkpoints instead of refusing each other's (graphs/loss.png).
+    monkeypatch.chdir(tmp_path)
+    common = ["--dataset_path", str(dataset), "--features_dir", str(feature_dir), "--split_sizes", "16", "4",
+              "--min_word_freq", "1", "--num_workers", "0", "--embed_dim", "16", "--attention_dim", "16",
+              "--decoder_dim", "16", "--wandb", "disabled", "--epochs", "1"]
+    assert cli.main(["--mode", "train", *common]) == 0
+    assert cli.main(["--mode", "train", *common, "--objective", "scst", "--init_from", "weights/best.pt",
+                     "--weights_dir", "weights_scst"]) == 0, capsys.readouterr().err
+    for run in ("weights", "weights_scst"):
+        assert cli.main(["--mode", "eval", *common[:7], "--split", "val", "--no-java", "--checkpoint",
+                         f"{run}/best.pt"]) == 0, capsys.readouterr().err
+        assert {"loss.png", "eval_val_scores.png"} <= {p.name for p in (tmp_path / run / "graphs").iterdir()}
+    assert not (tmp_path / "graphs").exists()
 
 
 def test_a_nan_step_leaves_weights_and_optimizer_unchanged_and_clipping_caps_the_norm():
