@@ -201,22 +201,27 @@ def test_dataparallel_replicas_compute_in_the_runs_bf16_with_their_own_host_rows
     assert isinstance(net, torch.nn.DataParallel)
 
     class Replica(torch.nn.Module):
-        """The step on GPU i (what replicate() copies); the fake mode is per thread and not
-        thread-safe, so it is entered here, one replica at a time."""
+        """The step on GPU i (what replicate() copies). The fake mode is per thread and not
+        thread-safe, so it is entered here, one replica at a time; any sync op is answered from
+        a CPU run of the replica's rows (none today: this test is about dtypes)."""
         def __init__(self, i):
             super().__init__()
+            rows = slice(3 * i, 3 * i + 3)
+            host = train_net.HostSide.of(batch).rows(rows.start, rows.stop)
+            cpu_step = train.TrainStep(model_lib.build_model(cfg))
+            self.syncs = fc.record(lambda: cpu_step(*(t[rows] for t in args), host=host))
             self.step = train.TrainStep(fc.to_fake(fc.real(model_lib.build_model, cfg), fake, f"cuda:{i}"),
                                         net.module.amp_dtype)
 
         def forward(self, inputs, captions, lengths, image_idx, *, host):
-            with lock, fake:
+            with lock, fc.tolist_through_item(), fake, fc.Replay(self.syncs):
                 seen.append((torch.get_autocast_dtype("cuda"), host.lengths, captions.size(0)))
                 return self.step(inputs, captions, lengths, image_idx, host=host)
 
+    args = (batch.features, batch.captions, batch.lengths, batch.image_idx)
     replicas = [Replica(0), Replica(1)]
     with fake:
-        args = tuple(t.to(CUDA) for t in (batch.features, batch.captions, batch.lengths, batch.image_idx))
-        inputs, kwargs = net.scatter(args, {"host": train_net.HostSide.of(batch)}, [0, 1])
+        inputs, kwargs = net.scatter(tuple(t.to(CUDA) for t in args), {"host": train_net.HostSide.of(batch)}, [0, 1])
     with devices.autocast(CUDA, torch.bfloat16):  # train_step's own autocast, in the main thread
         outs = parallel_apply(replicas, inputs, kwargs, devices=[0, 1])
     assert [logits.dtype for logits, _ in outs] == [torch.bfloat16, torch.bfloat16]
