@@ -408,13 +408,14 @@ class CaptionModel(nn.Module):
             raise ValueError(f"expected images (B, 3, H, W) or features (B, P, C), got {tuple(inputs.shape)}")
         return inputs.to(self.decoder.fc.weight.dtype)
 
-    def forward(self, inputs: Tensor, captions: Tensor, lengths: Tensor, *, cpu_recurrence: bool = True
-                ) -> tuple[Tensor, Tensor]:
+    def forward(self, inputs: Tensor, captions: Tensor, lengths: Tensor, *, cpu_recurrence: bool = True,
+                host_lengths: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
         """inputs: images (B,3,H,W) or features (B,P,C) -> logits (B,T-1,V), alphas (B,T-1,P).
 
-        cpu_recurrence: see AttentionDecoder.forward (default: used where it supports the inputs).
+        cpu_recurrence, host_lengths: see AttentionDecoder.forward.
         """
-        return self.decoder(self.features(inputs), captions, lengths, cpu_recurrence=cpu_recurrence)
+        return self.decoder(self.features(inputs), captions, lengths, cpu_recurrence=cpu_recurrence,
+                            host_lengths=host_lengths)
 
 
 def build_model(cfg: ModelConfig) -> CaptionModel:
