@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -51,3 +52,10 @@ def test_bench_tokenizers_quick(capsys):
         pytest.skip("bench_tokenizers compares with commit 4acb0bd, which this checkout's git history lacks")
     result = run_bench("bench_tokenizers", ["--quick", "--json"], capsys)
     assert result["vocabulary"]["train_captions"] == 10 and result["bleu_dev_leave_one_out"]["images"] == 2
+
+
+def test_gpu_check_says_so_without_a_gpu():
+    """bench/gpu_check.sh (run by a person with a GPU) refuses in one line where none is visible."""
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), cwd=ROOT)
+    assert done.returncode == 2 and done.stderr.startswith("error: no CUDA GPU visible")
