@@ -4,14 +4,19 @@ One process on CPU or one GPU, `nn.DataParallel` over the visible GPUs (`--multi
 DistributedDataParallel when launched by `torchrun` (NCCL on GPUs, gloo on CPU). With a frozen
 encoder the CNN runs once per image (extract.py caches its features). A validation score of real
 greedy decoding of each validation image drives the learning-rate schedule, early stopping and
-`best.pt`: BLEU-4 under cross-entropy (`--objective xe`), CIDEr-D under self-critical training
-(`--objective scst`, scst.py: the same step machinery with another loss, on batches of images).
-`--init_from` starts a new run from another run's weights and vocabulary (fresh optimizer).
+`best.pt`: `--select_by`, CIDEr-D by default (BLEU-4 on request, as the demo preset does), under
+cross-entropy (`--objective xe`) and self-critical training alike (`--objective scst`, scst.py:
+the same step machinery with another loss, on batches of images). `--init_from` starts a new run
+from another run's weights and vocabulary (fresh optimizer).
 
-The step never waits for the device: host copies are non-blocking from pinned memory, the loss
-and accuracy sums stay on the device and are read at logging points, and a NaN/inf step is
-skipped on the device by GradScaler with the fused AdamW (`optimizer.found_inf`), in every AMP
-mode (a constant scale of 1 outside fp16, which changes no bit of the gradients).
+The cross-entropy step never waits for the device between logging points (tests/test_cuda_paths.py
+counts zero syncs on fake CUDA): host copies are non-blocking from pinned memory; the loop's
+shape and the batch's distinct images come from the host copy of the batch (train_net.HostSide);
+the loss ignores padding instead of indexing it away; the loss and accuracy sums stay on the
+device and are read at logging points; a NaN/inf step is skipped on the device by GradScaler
+with the fused AdamW (`optimizer.found_inf`), in every AMP mode (outside fp16 the scale is 1,
+set back after every update, so it changes no bit of the gradients). Autocast is entered inside
+the wrapped module (train_net.TrainStep), so DataParallel's replicas compute in the run's dtype.
 
 Shape letters: B batch, T caption length (with <sos>/<eos>), U distinct images of a batch,
 P encoder positions, C encoder channels, V vocabulary.
@@ -268,7 +273,7 @@ def validate(caption_loader, image_loader, model: nn.Module, vocab, device: torc
              num_samples: int = 4, show_progress: bool = True) -> Validation:
     """Teacher-forced loss/accuracy over the validation captions (logged only), and BLEU-1..4 and
     CIDEr-D of greedy captions decoded once per validation image against all its references
-    (BLEU-4, or CIDEr-D in SCST, drives the schedule, early stopping and best.pt)."""
+    (the --select_by score drives the schedule, early stopping and best.pt)."""
     model = unwrap(model)
     model.eval()
     loss, acc = _teacher_forced(caption_loader, model, device, alpha_c, amp_dtype, show_progress)

@@ -71,7 +71,8 @@ class TrainStep(nn.Module):
         """The CNN on the first caption of each distinct image -> feats (B, P, C) for every caption.
         Built from (B, B) comparisons, with the image count from the host: no sync."""
         positions = torch.arange(image_idx.numel(), device=image_idx.device)  # (B,)
-        first_of = (image_idx.unsqueeze(0) == image_idx.unsqueeze(1)).int().argmax(dim=1)  # (B,) first caption of its image
+        same = image_idx.unsqueeze(0) == image_idx.unsqueeze(1)  # (B, B)
+        first_of = same.int().argmax(dim=1)  # (B,) the first caption of each caption's image
         is_first = first_of == positions  # (B,)
         n_images = len(set(host.image_idx)) if host is not None else int(is_first.sum())
         firsts = torch.argsort((~is_first).int(), stable=True)[:n_images]  # (U,) in batch order
