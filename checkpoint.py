@@ -210,11 +210,13 @@ def training_checkpoint(model: torch.nn.Module, vocab: Vocabulary, model_cfg: Mo
                         train_cfg, data_cfg, epoch: int, step_in_epoch: int = 0,
                         partial: dict | None = None, best_score: float, history: list[dict],
                         optimizer, scheduler, scaler, early_stopping: dict,
-                        features: dict | None) -> dict:
+                        features: dict | None, precision: str = "off") -> dict:
     """Everything a run needs to resume exactly: weights, configs, counters and RNG states.
 
     `epoch` counts finished epochs; `step_in_epoch` > 0 (with `partial`, the epoch's running
     sums) marks a save in the middle of epoch `epoch + 1`. `model` is unwrapped (no DP/DDP).
+    `precision`: the resolved --amp (bf16, fp16 or off), so that a resume in another one gets a
+    fresh gradient scaler.
     """
     return {"format": FORMAT, "model_config": to_plain(model_cfg), "vocab": vocab.to_list(),
             "model": model.state_dict(), "train_config": to_plain(train_cfg),
@@ -223,7 +225,8 @@ def training_checkpoint(model: torch.nn.Module, vocab: Vocabulary, model_cfg: Mo
             "history": list(history), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "early_stopping": dict(early_stopping), "rng": rng_state(), "features": features}
+            "early_stopping": dict(early_stopping), "rng": rng_state(), "features": features,
+            "precision": precision}
 
 
 # ---------------------------------------------------------------- rebuilding

@@ -236,7 +236,7 @@ class TrainConfig:
     keep_last: int = 0                  # epoch_NNN.pt files kept; 0: all
     group_by_image: bool = True         # end to end: an image's captions share a batch and a CNN pass
     weights_dir: str = "weights"        # checkpoints, vocab.json, history.json, runs/
-    graphs_dir: str | None = None       # loss.png, bleu.png, cider.png; None: <weights_dir>/graphs (eval: beside its results)
+    graphs_dir: str | None = None       # loss, bleu, cider, sample_length (SCST); None: <weights_dir>/graphs
     features_dir: str | None = None     # train on features.npy + names.json from this folder
     features_root: str = "data/features"  # where cached encoder features are kept
     cache_features: bool = True         # frozen encoder: run the CNN once per image, cache it

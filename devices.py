@@ -97,7 +97,9 @@ def resolve_device(choice: str | torch.device | None = "auto", local_rank: int |
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `--amp`, or None for full float32.
 
-    auto: bf16 on a CUDA GPU that has it, else fp16 (with the gradient scaler); off on the CPU.
+    auto: bf16 on a CUDA GPU that computes it natively (Ampere and newer), else fp16 (with the
+    gradient scaler); off on the CPU. torch counts emulated bf16 (V100, T4) as supported unless
+    asked not to; there fp16 with loss scaling is the fast choice.
     """
     if mode not in AMP_MODES:
         raise ValueError(f"--amp {mode!r} is not one of {', '.join(AMP_MODES)}")
@@ -106,9 +108,14 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device (float16 on CPU is slow and needs a "
                          "gradient scaler); use --amp bf16 or --amp off")
-    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported(including_emulation=False)):
         return torch.bfloat16
     return torch.float16
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The --amp name of a resolved autocast dtype: bf16, fp16 or off."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[dtype]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -17,6 +17,7 @@ This module knows nothing of files on disk (except a weights file named in the c
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -137,28 +138,36 @@ class AttentionDecoder(nn.Module):
 
     # -- teacher forcing ------------------------------------------------------------------------
 
-    def forward(self, feats: Tensor, captions: Tensor, lengths: Tensor, *, cpu_recurrence: bool = True
-                ) -> tuple[Tensor, Tensor]:
+    def forward(self, feats: Tensor, captions: Tensor, lengths: Tensor, *, cpu_recurrence: bool = True,
+                host_lengths: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
         """feats (B,P,C), captions (B,T), lengths (B,) -> logits (B,T-1,V), alphas (B,T-1,P).
 
         Outputs are in input order and padded to T-1 with zeros (the loss masks them), so every
         DataParallel replica returns the same T. cpu_recurrence: run the loop through
         cpu_recurrence.py where it supports the inputs (CPU training); False: always the reference.
+        host_lengths: the same lengths as Python ints (the collated batch's host copy). The loop's
+        shape (how many captions run at each step) is read from them, so the forward never waits
+        for the device; without them it is read from `lengths` (one host-device sync).
         """
         B, T = captions.shape
+        host = lengths.tolist() if host_lengths is None else host_lengths
+        host_steps = [min(max(n - 1, 0), T - 1) for n in host]
+        # Captions are sorted by length, so the ones still running at step t are a prefix of b_t rows.
+        sizes = [sum(1 for s in host_steps if s > t) for t in range(max(host_steps, default=0))]
         steps = (lengths - 1).clamp(min=0, max=T - 1)  # (B,) real decoding steps
         order = torch.argsort(steps, descending=True, stable=True)  # (B,)
-        steps_sorted = steps[order].tolist()
         feats, enc_proj, h0, c0 = self.prepare(feats.index_select(0, order))  # (B,P,D), (B,P,A), (Y,B,H)
-        # Captions are sorted by length, so the ones still running at step t are a prefix of b_t rows.
-        sizes = [sum(1 for s in steps_sorted if s > t) for t in range(steps_sorted[0] if B else 0)]
         if not sizes:
             return feats.new_zeros(B, T - 1, self.cfg.vocab_size), feats.new_zeros(B, T - 1, feats.size(1))
         # The input words of real steps only, step-major (as a PackedSequence): the embedding's
         # share of the first layer's gates is one product, and its per-step parts are row ranges.
+        # Packed row r is caption row[r] (in sorted order) at step col[r]; built on the device
+        # from b_t, with the sizes from the host (output_size: repeat_interleave need not wait).
         dev = captions.device
-        row = torch.cat([torch.arange(b, device=dev) for b in sizes])  # (R,)
-        col = torch.repeat_interleave(torch.arange(len(sizes), device=dev), torch.tensor(sizes, device=dev))
+        running = steps.unsqueeze(0) > torch.arange(len(sizes), device=dev).unsqueeze(1)  # (S, B)
+        counts = running.sum(dim=1)  # (S,) b_t, equal to `sizes`
+        col = torch.repeat_interleave(torch.arange(len(sizes), device=dev), counts, output_size=sum(sizes))  # (R,)
+        row = torch.arange(sum(sizes), device=dev) - (counts.cumsum(0) - counts)[col]  # (R,)
         emb_gates = self.word_gates(captions[order[row], col])  # (R, G)
         if cpu_recurrence and cpu_rec.supports(feats, self.ctx_gates.weight):
             upper = [(lin.weight, lin.bias) for lin in self.upper]
@@ -167,7 +176,7 @@ class AttentionDecoder(nn.Module):
                                          self.ctx_gates.weight, upper)  # (R, H), (R, P)
         else:
             hidden, alphas = self._unroll(sizes, feats, enc_proj, h0, c0, emb_gates)  # (R, H), (R, P)
-        return self._scatter_packed(hidden, alphas, sizes, order, B, T)
+        return self._scatter_packed(hidden, alphas, order[row] * (T - 1) + col, B, T)
 
     def _unroll(self, sizes: list[int], feats: Tensor, enc_proj: Tensor, h0: Tensor, c0: Tensor,
                 emb_gates: Tensor) -> tuple[Tensor, Tensor]:
@@ -180,11 +189,11 @@ class AttentionDecoder(nn.Module):
             att.append(alpha[:, 0])  # (b, P)
         return torch.cat(outs), torch.cat(att)
 
-    def _scatter_packed(self, hidden: Tensor, alphas: Tensor, sizes: list[int], order: Tensor, B: int,
-                        T: int) -> tuple[Tensor, Tensor]:
-        """Step-major hidden (R,H), alphas (R,P) of b_t rows per step -> padded (B,T-1,.) in input order."""
+    def _scatter_packed(self, hidden: Tensor, alphas: Tensor, rows: Tensor, B: int, T: int
+                        ) -> tuple[Tensor, Tensor]:
+        """Packed hidden (R,H), alphas (R,P) and each one's row of the flat (B*(T-1)) output ->
+        padded logits (B,T-1,V), alphas (B,T-1,P) in input order."""
         P, V = alphas.size(-1), self.cfg.vocab_size
-        rows = torch.cat([order[:b] * (T - 1) + t for t, b in enumerate(sizes)])  # (R,)
         step_logits = self.logits(hidden)  # (R, V)
         logits = step_logits.new_zeros(B * (T - 1), V).index_copy(0, rows, step_logits)  # (B*(T-1), V)
         out_alphas = alphas.new_zeros(B * (T - 1), P).index_copy(0, rows, alphas)  # (B*(T-1), P)
@@ -221,19 +230,23 @@ class CaptionModel(nn.Module):
             raise ValueError(f"expected images (B, 3, H, W) or features (B, P, C), got {tuple(inputs.shape)}")
         return inputs.to(self.decoder.fc.weight.dtype)
 
-    def forward(self, inputs: Tensor, captions: Tensor, lengths: Tensor, *, cpu_recurrence: bool = True
-                ) -> tuple[Tensor, Tensor]:
+    def forward(self, inputs: Tensor, captions: Tensor, lengths: Tensor, *, cpu_recurrence: bool = True,
+                host_lengths: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
         """inputs: images (B,3,H,W) or features (B,P,C) -> logits (B,T-1,V), alphas (B,T-1,P).
 
-        cpu_recurrence: see AttentionDecoder.forward (default: used where it supports the inputs).
+        cpu_recurrence, host_lengths: see AttentionDecoder.forward.
         """
-        return self.decoder(self.features(inputs), captions, lengths, cpu_recurrence=cpu_recurrence)
+        return self.decoder(self.features(inputs), captions, lengths, cpu_recurrence=cpu_recurrence,
+                            host_lengths=host_lengths)
 
 
 def build_model(cfg: ModelConfig) -> CaptionModel:
     """The model of `cfg` (its `.cfg` resolved: encoders.resolve); raises EncoderWeightsError when
     pretrained weights cannot be had."""
     return CaptionModel(cfg)
+
+
+_IGNORE = -100  # F.cross_entropy's ignore_index: a target that is padding
 
 
 def caption_loss(logits: Tensor, captions: Tensor, lengths: Tensor, alphas: Tensor, alpha_c: float,
@@ -248,10 +261,13 @@ def caption_loss(logits: Tensor, captions: Tensor, lengths: Tensor, alphas: Tens
     """
     steps = logits.size(1)
     mask = torch.arange(steps, device=logits.device) < (lengths.to(logits.device) - 1).unsqueeze(1)  # (B, T-1)
-    targets = captions[:, 1:steps + 1]  # (B, T-1)
-    real_logits, real_targets = logits[mask], targets[mask]  # (R, V), (R,)
-    ce = F.cross_entropy(real_logits, real_targets)
-    smoothed = F.cross_entropy(real_logits, real_targets, label_smoothing=label_smoothing) if label_smoothing else ce
+    # Padded targets are ignored rather than indexed away: boolean indexing would make the host
+    # wait for the device to learn how many tokens are real, in the forward and in the backward.
+    targets = captions[:, 1:steps + 1].masked_fill(~mask, _IGNORE).flatten()  # (B*(T-1),)
+    flat = logits.flatten(0, 1)  # (B*(T-1), V)
+    ce = F.cross_entropy(flat, targets, ignore_index=_IGNORE)
+    smoothed = (F.cross_entropy(flat, targets, ignore_index=_IGNORE, label_smoothing=label_smoothing)
+                if label_smoothing else ce)
     attention_sum = (alphas * mask.unsqueeze(-1)).sum(dim=1)  # (B, P)
     reg = ((1.0 - attention_sum) ** 2).mean()
     return smoothed + alpha_c * reg, ce

@@ -82,7 +82,8 @@ def history_figures(history: list[dict]) -> dict[str, Figure]:
 
 
 def plot_history(history: list[dict], graphs_dir: str | Path) -> list[Path]:
-    """graphs/loss.png and graphs/bleu.png (see `history_figures`), written atomically."""
+    """graphs/loss.png, bleu.png, cider.png and (SCST) sample_length.png (see `history_figures`),
+    written atomically."""
     graphs_dir = Path(graphs_dir)
     return [save_figure(fig, graphs_dir / name, dpi=90) for name, fig in history_figures(history).items()]
 

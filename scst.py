@@ -25,7 +25,7 @@ from torch import nn
 from cider import CiderD
 from config import DecodeConfig, TrainConfig
 import decoding
-from devices import to_device, unwrap
+from devices import autocast, to_device, unwrap
 from text import Vocabulary
 
 Tokens = list[str]
@@ -36,18 +36,22 @@ class SampleStep(nn.Module):
 
     inputs: images (N, 3, H, W) or features (N, P, C) -> tokens (N*K, L), log-probabilities
     (N*K, L) and lengths (N*K,) as sample_decode returns them, padded to L = max_len (with <eos>
-    and log-probability 0) so that DataParallel can gather the replicas' outputs.
+    and log-probability 0) so that DataParallel can gather the replicas' outputs. Autocast is
+    entered here, inside the module, so that DataParallel's replica threads compute in the run's
+    dtype (see train.TrainStep).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, amp_dtype: torch.dtype | None = None):
         super().__init__()
         self.model = model
+        self.amp_dtype = amp_dtype
 
     def forward(self, inputs: torch.Tensor, *, k: int, max_len: int, temperature: float, sos_id: int,
                 eos_id: int, unk_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tokens, log_probs, lengths = decoding.sample_decode(
-            self.model, inputs, sos_id=sos_id, eos_id=eos_id, unk_id=unk_id, k=k,
-            temperature=temperature, max_len=max_len)  # (N*K, l), (N*K, l), (N*K,)
+        with autocast(inputs.device, self.amp_dtype):
+            tokens, log_probs, lengths = decoding.sample_decode(
+                self.model, inputs, sos_id=sos_id, eos_id=eos_id, unk_id=unk_id, k=k,
+                temperature=temperature, max_len=max_len)  # (N*K, l), (N*K, l), (N*K,)
         pad = max_len - tokens.size(1)
         return F.pad(tokens, (0, pad), value=eos_id), F.pad(log_probs, (0, pad)), lengths
 

@@ -4,14 +4,19 @@ One process on CPU or one GPU, `nn.DataParallel` over the visible GPUs (`--multi
 DistributedDataParallel when launched by `torchrun` (NCCL on GPUs, gloo on CPU). With a frozen
 encoder the CNN runs once per image (extract.py caches its features). A validation score of real
 greedy decoding of each validation image drives the learning-rate schedule, early stopping and
-`best.pt`: BLEU-4 under cross-entropy (`--objective xe`), CIDEr-D under self-critical training
-(`--objective scst`, scst.py: the same step machinery with another loss, on batches of images).
-`--init_from` starts a new run from another run's weights and vocabulary (fresh optimizer).
+`best.pt`: `--select_by`, CIDEr-D by default (BLEU-4 on request, as the demo preset does), under
+cross-entropy (`--objective xe`) and self-critical training alike (`--objective scst`, scst.py:
+the same step machinery with another loss, on batches of images). `--init_from` starts a new run
+from another run's weights and vocabulary (fresh optimizer).
 
-The step never waits for the device: host copies are non-blocking from pinned memory, the loss
-and accuracy sums stay on the device and are read at logging points, and a NaN/inf step is
-skipped on the device by GradScaler with the fused AdamW (`optimizer.found_inf`), in every AMP
-mode (a constant scale of 1 outside fp16, which changes no bit of the gradients).
+The cross-entropy step never waits for the device between logging points (tests/test_cuda_paths.py
+counts zero syncs on fake CUDA): host copies are non-blocking from pinned memory; the loop's
+shape and the batch's distinct images come from the host copy of the batch (train_net.HostSide);
+the loss ignores padding instead of indexing it away; the loss and accuracy sums stay on the
+device and are read at logging points; a NaN/inf step is skipped on the device by GradScaler
+with the fused AdamW (`optimizer.found_inf`), in every AMP mode (outside fp16 the scale is 1,
+set back after every update, so it changes no bit of the gradients). Autocast is entered inside
+the wrapped module (train_net.TrainStep), so DataParallel's replicas compute in the run's dtype.
 
 Shape letters: B batch, T caption length (with <sos>/<eos>), U distinct images of a batch,
 P encoder positions, C encoder channels, V vocabulary.
@@ -37,7 +42,8 @@ from cider import corpus_cider
 from config import INIT_FIELDS, TRAINING_FIELDS, DecodeConfig, TrainConfig
 import data_utils
 import decoding
-from devices import Dist, autocast, init_distributed, resolve_amp, resolve_device, set_threads, to_device, unwrap
+from devices import (Dist, autocast, init_distributed, precision_name, resolve_amp, resolve_device, set_threads,
+                     to_device, unwrap)
 import extract
 from metrics import corpus_bleu
 import model as model_lib
@@ -48,6 +54,7 @@ import scst
 from seeded_items import SeededItems
 from stopping import EXIT_SIGNAL, StopFlag, any_rank, stop_signals
 from text import Vocabulary
+from train_net import HostSide, TrainStep, stand_in_batch, wrap_for_devices
 from train_sums import DeviceSums, EpochTotals, token_accuracy
 
 logger = logging.getLogger(__name__)
@@ -113,45 +120,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class TrainStep(nn.Module):
-    """What DataParallel/DDP wrap in training: encoder (once per distinct image) + decoder.
-
-    inputs: images (B, 3, H, W) or features (B, P, C). With images, captions of the same image
-    (same `image_idx`) share one encoder pass: end-to-end training costs one CNN pass per image,
-    not per caption.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-                image_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if inputs.dim() == 4 and image_idx is not None:
-            unique, inverse = torch.unique(image_idx, return_inverse=True)  # (U,), (B,)
-            positions = torch.arange(inverse.numel(), device=inverse.device)  # (B,)
-            first = inverse.new_full((unique.numel(),), inverse.numel()).scatter_reduce(
-                0, inverse, positions, reduce="amin")  # (U,) first caption of each image
-            feats = self.model.encode(inputs[first])[inverse]  # (B, P, C)
-        else:
-            feats = self.model.features(inputs)  # (B, P, C)
-        return self.model.decoder(feats, captions, lengths)  # (B, T-1, V), (B, T-1, P)
-
-
 # ---------------------------------------------------------------- one epoch
 
 class TrainingDiverged(RuntimeError):
     """Too many NaN/inf losses in a row."""
 
 
-def compute_loss(net: nn.Module, inputs, captions, lengths, alpha_c: float, image_idx=None,
-                 label_smoothing: float = 0.0):
+def compute_loss(net: nn.Module, inputs, captions, lengths, alpha_c: float, label_smoothing: float = 0.0,
+                 **net_kwargs):
     """Forward + the design card's loss: cross-entropy without padding + attention regulariser.
 
-    `net` is a TrainStep (possibly wrapped by DataParallel/DDP) or a decoder (inputs: features).
+    `net` is a TrainStep (possibly wrapped by DataParallel/DDP; net_kwargs: image_idx, host) or
+    a decoder (inputs: features; net_kwargs: host_lengths).
     """
-    args = (inputs, captions, lengths) if image_idx is None else (inputs, captions, lengths, image_idx)
-    logits, alphas = net(*args)  # (B, T-1, V), (B, T-1, P)
+    logits, alphas = net(inputs, captions, lengths, **net_kwargs)  # (B, T-1, V), (B, T-1, P)
     loss, ce = model_lib.caption_loss(logits, captions, lengths, alphas, alpha_c, label_smoothing)
     return loss, ce, logits
 
@@ -161,8 +143,9 @@ def cross_entropy_objective(net: nn.Module, batch, device: torch.device, alpha_c
     """The teacher-forced loss of a batch of captions and its sums (captions, tokens, correct, 0, 0)."""
     captions = to_device(batch.captions, device)  # (B, T)
     lengths = to_device(batch.lengths, device)  # (B,)
-    loss, _, logits = compute_loss(net, to_device(batch.inputs, device), captions, lengths,
-                                   alpha_c, to_device(batch.image_idx, device), label_smoothing)
+    loss, _, logits = compute_loss(net, to_device(batch.inputs, device), captions, lengths, alpha_c,
+                                   label_smoothing, image_idx=to_device(batch.image_idx, device),
+                                   host=HostSide.of(batch))
     correct, tokens = token_accuracy(logits.detach(), captions, lengths)
     zero = correct.new_zeros(())
     return loss, torch.stack([zero + captions.size(0), tokens, correct, zero, zero]).double()
@@ -170,20 +153,23 @@ def cross_entropy_objective(net: nn.Module, batch, device: torch.device, alpha_c
 
 def train_step(net: nn.Module, batch, optimizer, scaler, device: torch.device, cfg: TrainConfig, *,
                alpha_c: float = 1.0, amp_dtype: torch.dtype | None, sums: DeviceSums, d: Dist = Dist(),
-               objective: Callable | None = None) -> None:
+               objective: Callable | None = None, weight: float = 1.0) -> None:
     """One optimizer step, without waiting for the device (an SCST objective waits for its reward).
 
     `objective(net, batch, device) -> (loss, sums)`: scst.ScstObjective, or None for cross-entropy
     with `alpha_c`. A NaN/inf loss (on any rank) leaves the weights and the optimizer untouched:
     its gradients are non-finite, so GradScaler's `found_inf` makes the fused optimizer skip the
-    update on the device. `sums` counts it.
+    update on the device. `sums` counts it. `weight` 0: a stand-in batch (see stand_in_batch)
+    that enters the step's collectives and adds nothing to the gradients or the sums.
     """
     optimizer.zero_grad(set_to_none=True)
-    with autocast(device, amp_dtype):
+    with autocast(device, amp_dtype):  # the loss; the module enters the same autocast itself
         if objective is None:
             loss, stats = cross_entropy_objective(net, batch, device, alpha_c, cfg.label_smoothing)
         else:
             loss, stats = objective(net, batch, device)
+    if weight != 1.0:
+        loss, stats = loss * weight, stats * weight
     bad = (~torch.isfinite(loss.detach())).double()  # () 1.0 for a skipped step
     if d.enabled:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips the same steps
@@ -192,7 +178,8 @@ def train_step(net: nn.Module, batch, optimizer, scaler, device: torch.device, c
     if cfg.grad_clip > 0:
         nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
     scaler.step(optimizer)
-    scaler.update()
+    # Outside fp16 the scale stays 1: update() would halve it at each non-finite step for good.
+    scaler.update(None if amp_dtype == torch.float16 else 1.0)
     sums.add(loss.detach(), bad, stats)
 
 
@@ -209,10 +196,11 @@ def _check_diverged(worst: int, epoch: int, cfg: TrainConfig, totals: EpochTotal
 def train_one_epoch(loader, net: nn.Module, optimizer, scaler, epoch: int, device: torch.device,
                     cfg: TrainConfig, *, alpha_c: float, amp_dtype: torch.dtype | None = None,
                     totals: EpochTotals | None = None, stop: StopFlag | None = None,
-                    d: Dist = Dist(), desc: str = "train", objective: Callable | None = None
-                    ) -> tuple[EpochTotals, bool]:
+                    d: Dist = Dist(), desc: str = "train", objective: Callable | None = None,
+                    stand_in=None) -> tuple[EpochTotals, bool]:
     """Train over `loader` once (or over what is left of it). Returns (totals, stopped early).
-    `objective`: as train_step's (None: cross-entropy).
+    `objective`: as train_step's (None: cross-entropy). `stand_in`: what a DDP rank steps on
+    with weight 0 when every image of its batch was unreadable (stand_in_batch).
 
     NaN/inf losses skip their steps; `cfg.max_bad_steps` of them in a row raise TrainingDiverged
     at the next logging point (no bad update reaches the weights meanwhile).
@@ -226,9 +214,12 @@ def train_one_epoch(loader, net: nn.Module, optimizer, scaler, epoch: int, devic
     for batch in bar:
         totals.skipped_images += int(batch.n_skipped)
         totals.steps += 1
-        if len(batch):  # else every image of the batch was unreadable
+        if len(batch):
             train_step(net, batch, optimizer, scaler, device, cfg, alpha_c=alpha_c,
                        amp_dtype=amp_dtype, sums=sums, d=d, objective=objective)
+        elif d.enabled:  # every image was unreadable, but the other ranks enter the step's collectives
+            train_step(net, stand_in, optimizer, scaler, device, cfg, alpha_c=alpha_c,
+                       amp_dtype=amp_dtype, sums=sums, d=d, objective=objective, weight=0.0)
         at_log = totals.steps % LOG_EVERY == 0
         if at_log:
             _check_diverged(sums.read(totals), epoch, cfg, totals)
@@ -259,15 +250,15 @@ def _teacher_forced(loader, model: nn.Module, device: torch.device, alpha_c: flo
     """Mean loss and token accuracy of the validation captions (logged only), one sync."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss x captions, captions, correct, tokens
     # Images: the captions of one image (neighbours in the loader) share an encoder pass.
-    step = TrainStep(model).eval()
+    step = TrainStep(model, amp_dtype).eval()
     for batch in progress(loader, desc="val loss", leave=False, show=show_progress):
         if len(batch) == 0:
             continue
         captions = to_device(batch.captions, device)  # (B, T)
         lengths = to_device(batch.lengths, device)  # (B,)
-        with autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):  # the loss; the module enters the same autocast itself
             loss, _, logits = compute_loss(step, to_device(batch.inputs, device), captions, lengths, alpha_c,
-                                           to_device(batch.image_idx, device))
+                                           image_idx=to_device(batch.image_idx, device), host=HostSide.of(batch))
         finite = torch.isfinite(loss).double()
         correct, tokens = token_accuracy(logits, captions, lengths)
         n = captions.size(0)
@@ -283,7 +274,7 @@ def validate(caption_loader, image_loader, model: nn.Module, vocab, device: torc
              num_samples: int = 4, show_progress: bool = True) -> Validation:
     """Teacher-forced loss/accuracy over the validation captions (logged only), and BLEU-1..4 and
     CIDEr-D of greedy captions decoded once per validation image against all its references
-    (BLEU-4, or CIDEr-D in SCST, drives the schedule, early stopping and best.pt)."""
+    (the --select_by score drives the schedule, early stopping and best.pt)."""
     model = unwrap(model)
     model.eval()
     loss, acc = _teacher_forced(caption_loader, model, device, alpha_c, amp_dtype, show_progress)
@@ -323,8 +314,9 @@ def make_optimizer(model: nn.Module, model_cfg, cfg: TrainConfig) -> torch.optim
 
 
 def make_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler:
-    """Dynamic loss scaling for fp16; otherwise a constant scale of 1 (growth every 2**30
-    steps), kept for its on-device skip of non-finite steps. Powers of two scale exactly."""
+    """Dynamic loss scaling for fp16; otherwise a scale of 1 (growth every 2**30 steps, and
+    train_step sets it back to 1 after each update), kept for its on-device skip of non-finite
+    steps. Powers of two scale exactly."""
     if amp_dtype == torch.float16:
         return torch.amp.GradScaler(device.type)
     return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**30)
@@ -335,20 +327,6 @@ def _group_lr(optimizer, name: str) -> float | None:
         if g.get("name") == name:
             return g["lr"]
     return None
-
-
-def wrap_for_devices(net: nn.Module, cfg: TrainConfig, device: torch.device, d: Dist) -> nn.Module:
-    """DDP under torchrun, DataParallel with --multi_gpu and several GPUs, else `net` itself."""
-    if d.enabled:
-        return nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.multi_gpu:
-        n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-        if n_gpus > 1:
-            logger.info("DataParallel over %d GPUs", n_gpus)
-            return nn.DataParallel(net)
-        logger.warning("--multi_gpu ignored: %d GPU(s) visible", n_gpus)
-    return net
 
 
 def _side(positions: int, default: int) -> int:
@@ -409,6 +387,7 @@ class Run:
     start_epoch: int = 0
     start_step: int = 0
     partial: EpochTotals | None = None
+    stand_in: Any = None                # stand_in_batch: a DDP rank's step when its batch held nothing
 
     @property
     def weights_dir(self) -> Path:
@@ -421,7 +400,7 @@ class Run:
             partial=dataclasses.asdict(totals) if totals is not None else None,
             best_score=self.early["best"], history=self.history, optimizer=self.optimizer,
             scheduler=self.scheduler, scaler=self.scaler, early_stopping=self.early,
-            features=self.features)
+            features=self.features, precision=precision_name(self.amp_dtype))
 
     def stopped_early(self) -> bool:
         return self.early["bad_epochs"] >= self.cfg.patience > 0
@@ -449,7 +428,7 @@ def run_training(data_cfg, model_cfg, train_cfg: TrainConfig) -> int:
         if ckpt is not None:
             _restore(run, ckpt, resume_path)
         step = scst.SampleStep if train_cfg.objective == "scst" else TrainStep
-        run.net = wrap_for_devices(step(run.model), run.cfg, run.device, d)
+        run.net = wrap_for_devices(step(run.model, run.amp_dtype), run.cfg, run.device, d)
         status = _train_epochs(run)
         if status == 0:
             _report(run)
@@ -610,6 +589,7 @@ def _make_loaders(run: Run) -> None:
             groups = image_groups(train_set)
     run.sampler = ResumableSampler(len(train_set), num_replicas=run.d.world_size, rank=run.d.rank,
                                    shuffle=True, seed=cfg.seed, groups=groups)
+    run.stand_in = stand_in_batch(run.model_cfg, vocab, store, images_only=cfg.objective == "scst")
     workers = run.data_cfg.num_workers
     # Seeded loader generators: creating an epoch's iterators must not consume the global RNG,
     # or a run resumed mid-epoch would draw other dropout masks than the uninterrupted one; and
@@ -638,16 +618,35 @@ def _restore(run: Run, ckpt: dict, path: Path) -> None:
     run.optimizer.load_state_dict(ckpt["optimizer"])
     # Lrs come from the checkpoint (the schedule may have lowered them).
     run.scheduler.load_state_dict(ckpt["scheduler"])
-    if ckpt.get("scaler"):
-        run.scaler.load_state_dict(ckpt["scaler"])
+    _restore_scaler(run, ckpt)
     run.early = dict(ckpt["early_stopping"])
     run.history = list(ckpt.get("history", []))
     run.start_epoch, run.start_step = int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", 0))
     run.partial = EpochTotals(**ckpt["partial"]) if ckpt.get("partial") else None
-    ckpt_lib.set_rng_state(ckpt["rng"])
+    ckpt_lib.set_rng_state(ckpt["rng"])  # rank 0's states, saved by rank 0
+    if run.d.rank > 0:
+        # Each rank its own stream again (as _build_model gives them), not rank 0's masks.
+        seq = np.random.SeedSequence([run.cfg.seed, run.d.rank, run.start_epoch, run.start_step])
+        seed_everything(int(seq.generate_state(1)[0]))
     logger.info("resumed from %s: epoch %d%s, best val %s %.4f", path,
                 run.start_epoch + 1 if run.start_step else run.start_epoch,
                 f" step {run.start_step}" if run.start_step else " done", run.selection[1], run.early["best"])
+
+
+def _restore_scaler(run: Run, ckpt: dict) -> None:
+    """The saved gradient scaler, when the checkpoint trained in this run's precision. Another
+    precision gets a fresh scaler: an fp16 run needs dynamic loss scaling, never the constant
+    scale 1 a bf16/off run saved (nor the reverse)."""
+    now = precision_name(run.amp_dtype)
+    saved = ckpt.get("precision")
+    if saved is None:  # written before the precision was recorded: its scaler says whether fp16
+        growth = (ckpt.get("scaler") or {}).get("growth_interval", 2**30)
+        saved = "fp16" if growth < 2**30 else ("bf16 or off" if now == "fp16" else now)
+    if saved != now:
+        logger.info("the checkpoint trained with --amp %s, this run with %s: a fresh gradient scaler",
+                    saved, now)
+    elif ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
 
 
 def _train_epochs(run: Run) -> int:
@@ -696,7 +695,7 @@ def _epoch(run: Run, epoch: int, stop: StopFlag, loggers: RunLoggers) -> int | N
         totals, stopped = train_one_epoch(
             run.loaders["train"], run.net, run.optimizer, run.scaler, epoch, run.device, cfg,
             alpha_c=run.model_cfg.alpha_c, amp_dtype=run.amp_dtype, totals=totals, stop=stop, d=d,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}", objective=run.objective)
+            desc=f"epoch {epoch + 1}/{cfg.epochs}", objective=run.objective, stand_in=run.stand_in)
     except TrainingDiverged as exc:
         logger.error("%s", exc)
         return 1

@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--captions_file", help="Kaggle-layout captions.txt: real captions, not synthetic")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls of CiderD.score")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true", help="8 images, a corpus of 100, 2 repeats (smoke test)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.corpus_images, args.repeats = 8, 100, 2
     if args.captions_file:
         corpus = flickr_corpus(args.captions_file, args.corpus_images, args.refs)
     else:

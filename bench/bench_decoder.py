@@ -1,7 +1,7 @@
 """Speed of the decoder: both teacher-forcing paths against the textbook step, batched against serial beam search.
 
     python bench/bench_decoder.py --json          # one JSON object on stdout (a few minutes on 2 cores)
-    python bench/bench_decoder.py --quick --json  # smaller run, for a smoke test
+    python bench/bench_decoder.py --quick --json  # a tiny model, a few batches: the suite's smoke test
     python bench/bench_decoder.py --json --threads 1   # on a machine others are using: a second OpenMP
                                                       # thread that is not scheduled stalls every small op
     python bench/bench_decoder.py --json --device cuda --amp bf16
@@ -24,6 +24,7 @@ All figures come from one run on the same machine (CPU unless --device says othe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -60,11 +61,14 @@ def make_batches(n_batches: int, B: int, P: int, C: int, V: int, gen: torch.Gene
             captions[i, n - 1] = EOS
             captions[i, n:] = 0
         feats = torch.randn(B, P, C, generator=gen).relu()  # (B, P, C): ResNet features are post-ReLU
-        batches.append((feats.to(device), captions.to(device), lengths.to(device)))
+        # The host copy of the lengths travels with the batch, as train.py's does (HostSide): the
+        # forward then never waits for the device.
+        batches.append((feats.to(device), captions.to(device), lengths.to(device), tuple(lengths.tolist())))
     return batches
 
 
-def textbook_forward(dec: M.AttentionDecoder, feats: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor):
+def textbook_forward(dec: M.AttentionDecoder, feats: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                     host_lengths=None):
     """The baseline: the same decoder step, sort-and-shrink loop and loss, but as the textbook writes
     it: the encoder-side attention projection recomputed from the features at every decoding step,
     plain autograd."""
@@ -75,26 +79,27 @@ def textbook_forward(dec: M.AttentionDecoder, feats: torch.Tensor, captions: tor
     feats, _, h0, c0 = dec.prepare(feats[order])  # (B,P,D); the once-per-image projection is not used
     emb_gates = dec.word_gates(captions[order, :-1])  # (B, T-1, G)
     h, c = h0.unsqueeze(2), c0.unsqueeze(2)  # (Y, B, 1, H)
-    outs, att = [], []
+    outs, att, rows = [], [], []
     for t in range(steps_sorted[0]):
         b = sum(1 for s in steps_sorted if s > t)
         enc_proj = dec.enc_att(feats[:b])  # (b, P, A): recomputed every step
         h, c, alpha = dec.step(emb_gates[:b, t:t + 1], feats[:b], enc_proj, h[:, :b], c[:, :b])
         outs.append(h[-1, :, 0])
         att.append(alpha[:, 0])
-    return dec._scatter_packed(torch.cat(outs), torch.cat(att), [x.size(0) for x in outs], order, B, T)
+        rows.append(order[:b] * (T - 1) + t)  # (b,) where step t's outputs go in the (B*(T-1)) output
+    return dec._scatter_packed(torch.cat(outs), torch.cat(att), torch.cat(rows), B, T)
 
 
-def train_step(model, forward, opt, scaler, batch, alpha_c: float, amp: torch.dtype | None) -> float:
-    feats, captions, lengths = batch
+def train_step(model, forward, opt, scaler, batch, alpha_c: float, amp: torch.dtype | None) -> None:
+    """As train.py steps: no read of the loss (the host never waits for the device)."""
+    feats, captions, lengths, host = batch
     with torch.autocast(feats.device.type, dtype=amp, enabled=amp is not None):
-        logits, alphas = forward(feats, captions, lengths)
+        logits, alphas = forward(feats, captions, lengths, host_lengths=host)
         loss, _ = M.caption_loss(logits, captions, lengths, alphas, alpha_c)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
     scaler.update()
-    return loss.item()
 
 
 def sync(device) -> None:
@@ -121,9 +126,9 @@ def time_train(model, forward, batches, warmup: int, device, amp: torch.dtype | 
 
 def count_train_flops(model, batch) -> int:
     """Matmul FLOPs (forward + backward) of one training step, as torch counts them."""
-    feats, captions, lengths = batch
+    feats, captions, lengths, host = batch
     with FlopCounterMode(display=False) as counter:
-        logits, alphas = model(feats, captions, lengths)
+        logits, alphas = model(feats, captions, lengths, host_lengths=host)
         loss, _ = M.caption_loss(logits, captions, lengths, alphas, model.cfg.alpha_c)
         loss.backward()
     model.zero_grad(set_to_none=True)
@@ -151,7 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object (otherwise a table)")
-    p.add_argument("--quick", action="store_true", help="fewer batches and images (smoke test)")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny model (P 16, C 64, sizes 64, vocabulary 200), few batches and images: a smoke test")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--amp", default="off", choices=tuple(AMP), help="autocast dtype of training and decoding")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -169,25 +175,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--encoder_proj_dim", type=int, default=0,
                    help="time the model with this 1x1 channel projection (0: off, the reference model)")
     args = p.parse_args(argv)
+    args.positions, args.channels, args.dim = 196, 2048, 512
     if args.quick:
         args.train_batches, args.baseline_batches = 2, 1
         args.beam_images, args.serial_images, args.max_len = 20, 5, 8
+        args.positions, args.channels, args.dim, args.vocab_size = 16, 64, 64, 200
+        args.batch_size, args.large_batch_size = 8, 16
     return args
+
+
+def check_same_function(model, batch) -> None:
+    """The default path, the reference step and the textbook loop compute the same function.
+
+    Compared in training mode (the CPU recurrence runs only with gradients on) on a copy of the
+    model without dropout: the three paths draw their masks in different orders, so with dropout
+    on they compute the same function of different masks."""
+    quiet = M.build_model(dataclasses.replace(model.cfg, dropout=0.0, embed_dropout=0.0, feature_dropout=0.0))
+    quiet.load_state_dict(model.state_dict())
+    quiet.to(batch[0].device).train()
+    feats, captions, lengths, host = batch
+    outputs = [quiet(feats, captions, lengths, host_lengths=host),
+               quiet(feats, captions, lengths, host_lengths=host, cpu_recurrence=False),
+               textbook_forward(quiet.decoder, feats, captions, lengths)]
+    for other in outputs[1:]:
+        for a, b in zip(outputs[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def bench_training(model, args, gen, device, amp, result: dict) -> None:
     P, C = result["positions"], result["channels"]
-    # The default path, the reference step and the textbook loop compute the same function: check it.
-    check = make_batches(1, 4, P, C, args.vocab_size, gen, device)[0]
-    model.train()
-    outputs = []
-    for forward in (model, lambda *b: model(*b, cpu_recurrence=False), lambda *b: textbook_forward(model.decoder, *b)):
-        torch.manual_seed(0)  # the same dropout masks
-        outputs.append(forward(*check))
-    for other in outputs[1:]:
-        for a, b in zip(outputs[0], other):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    model.zero_grad(set_to_none=True)
+    check_same_function(model, make_batches(1, 4, P, C, args.vocab_size, gen, device)[0])
 
     batches = make_batches(2 + args.train_batches, args.batch_size, P, C, args.vocab_size, gen, device)
     lengths = torch.cat([b[2] for b in batches]).float()
@@ -195,16 +212,17 @@ def bench_training(model, args, gen, device, amp, result: dict) -> None:
     result["max_caption_tokens"] = int(lengths.max())
     result["train_captions_per_s"] = time_train(model, model, batches, 2, device, amp)
     result["reference_train_captions_per_s"] = time_train(
-        model, lambda f, c, l: model(f, c, l, cpu_recurrence=False), batches[:4], 1, device, amp)
+        model, lambda *b, **k: model(*b, **k, cpu_recurrence=False), batches[:4], 1, device, amp)
     result["baseline_train_captions_per_s"] = time_train(
-        model, lambda f, c, l: textbook_forward(model.decoder, f, c, l), batches[:1 + args.baseline_batches], 1,
+        model, lambda *b, **k: textbook_forward(model.decoder, *b), batches[:1 + args.baseline_batches], 1,
         device, amp)
     large = make_batches(3 if args.quick else 4, args.large_batch_size, P, C, args.vocab_size, gen, device)
     result["train_captions_per_s_batch128"] = time_train(model, model, large, 1, device, amp)
     flops = count_train_flops(model, batches[2])
     result["train_gflops_per_step"] = flops / 1e9
     result["train_gflops_per_s"] = flops / 1e9 * result["train_captions_per_s"] / args.batch_size
-    result["matmul_gflops_per_s"] = matmul_gflops(4096 if device.type == "cpu" else 8192, 5, device)
+    size = 1024 if args.quick else 4096 if device.type == "cpu" else 8192
+    result["matmul_gflops_per_s"] = matmul_gflops(size, 5, device)
 
 
 def bench_beam(model, args, gen, device, amp, result: dict) -> None:
@@ -244,11 +262,14 @@ def main(argv=None) -> int:
     device, amp = torch.device(args.device), AMP[args.amp]
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    cfg = M.ModelConfig(vocab_size=args.vocab_size, encoder="features", feature_dim=2048,
-                        encoder_proj_dim=args.encoder_proj_dim)
+    cfg = M.ModelConfig(vocab_size=args.vocab_size, encoder="features", feature_dim=args.channels,
+                        encoder_proj_dim=args.encoder_proj_dim, embed_dim=args.dim, attention_dim=args.dim,
+                        decoder_dim=args.dim)
     model = M.build_model(cfg).to(device)
     result = {"device": str(device), "amp": args.amp, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "batch_size": args.batch_size, "positions": 196, "channels": 2048, "vocab_size": args.vocab_size,
+              "batch_size": args.batch_size, "positions": args.positions, "channels": args.channels,
+              "dim": args.dim, "vocab_size": args.vocab_size, "large_batch_size": args.large_batch_size,
+              "quick": args.quick,
               "encoder_proj_dim": args.encoder_proj_dim}
     bench_training(model, args, gen, device, amp, result)
     bench_beam(model, args, gen, device, amp, result)

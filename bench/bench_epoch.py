@@ -9,6 +9,7 @@ the real validation does. Prints JSON.
 
     python bench/bench_epoch.py                      # full size (needs ~5 GB of disk)
     python bench/bench_epoch.py --images 600 --max_steps 10   # quick look, extrapolated
+    python bench/bench_epoch.py --quick              # a tiny file and model: the suite's smoke test
 
 `--max_steps` times that many steps and extrapolates to the full epoch. Peak memory is
 reported to show it does not grow with the features file (it is memory-mapped): compare
@@ -104,7 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num_workers", type=int, default=0)
     ap.add_argument("--dir", default=None, help="where to write the features (default: a temp folder, removed)")
     ap.add_argument("--keep", action="store_true", help="keep the features folder")
+    ap.add_argument("--quick", action="store_true",
+                    help="40 images of 4 x 16 features, a 64-wide decoder, 3 steps, 4 validation images")
     args = ap.parse_args(argv)
+    dims = {}
+    if args.quick:
+        args.images, args.positions, args.channels, args.vocab = 40, 4, 16, 50
+        args.batch_size, args.max_steps, args.val_images = 16, 3, 4
+        dims = {"embed_dim": 64, "attention_dim": 64, "decoder_dim": 64}
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -121,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         store = data_utils.FeatureStore.open(feats_dir)
         vocab = data_utils.Vocabulary.build((t for r in records for t in r.tokens), min_freq=1)
         model_cfg = model_lib.ModelConfig(vocab_size=len(vocab), encoder="features",
-                                          feature_dim=store.channels, encoded_size=14)
+                                          feature_dim=store.channels, encoded_size=14, **dims)
         model = model_lib.build_model(model_cfg).to(device)
         cfg = train.TrainConfig(batch_size=args.batch_size, wandb="disabled")
         optimizer = train.make_optimizer(model, model_cfg, cfg)
@@ -134,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler.skip = max(0, len(sampler) - timed_steps * args.batch_size)
         loader = data_utils.make_loader(dataset, args.batch_size, sampler=sampler,
                                         num_workers=args.num_workers, seed=0)
-        net = train.TrainStep(model)
+        net = train.TrainStep(model, amp_dtype)
         t = time.perf_counter()
         totals, _ = train.train_one_epoch(loader, net, optimizer, scaler, 0, device, cfg,
                                           alpha_c=model_cfg.alpha_c, amp_dtype=amp_dtype)

@@ -2,6 +2,7 @@
 
     python bench/bench_tokenizers.py [--text_dir ../shared/flickr8k-sample/original/Flickr8k_text]
                                      [--old 4acb0bd] [--json]
+    python bench/bench_tokenizers.py --quick   # six made-up images: the suite's smoke test
 
 Compares the code of commit `--old` (hand-copied spaCy exception table in data_utils.tokenize,
 hand-written PTB rule in test_eval.ptb_like_tokenize) with today's (spaCy's tokenizer in
@@ -12,7 +13,7 @@ text.tokenize, nltk's Treebank tokenizer in metrics.treebank_tokenize):
     hypothesis against the other four, tokenised the old way and the new way;
   - the Java PTB path (when Java is installed): the same BLEU, old code against new, and how many
     captions the fallback tokenises differently from Java, old and new.
-Reads only the text files (no images); never run by the tests.
+Reads only the text files (no images); the tests run only `--quick` (it needs the git history).
 """
 from __future__ import annotations
 
@@ -100,14 +101,30 @@ def compare_bleu(refs: dict, hyps: dict, old_eval) -> dict:
     return out
 
 
-def main() -> None:
+QUICK_CAPTIONS = ["A dog's ball is red .", "Two kids don't swim , they run !", "A man in a T-shirt jumps.",
+                  "The girl (left) smiles", "a black-and-white dog catches a frisbee"]
+
+
+def write_quick_text(folder: Path) -> Path:
+    """A made-up Flickr8k_text of six images (two per split), five captions each."""
+    names = [f"im{i}.jpg" for i in range(6)]
+    lines = [f"{n}#{k}\t{QUICK_CAPTIONS[(i + k) % 5]}" for i, n in enumerate(names) for k in range(5)]
+    (folder / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for k, split in enumerate(("train", "dev", "test")):
+        (folder / f"Flickr_8k.{split}Images.txt").write_text("\n".join(names[2 * k:2 * k + 2]) + "\n")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--text_dir", type=Path, default=DEFAULT_TEXT)
     parser.add_argument("--old", default="4acb0bd", help="commit with the hand-written tokenizers")
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    captions, splits = read_captions(args.text_dir)
+    parser.add_argument("--quick", action="store_true", help="made-up captions instead of --text_dir")
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
+        text_dir = write_quick_text(Path(tmp)) if args.quick else args.text_dir
+        captions, splits = read_captions(text_dir)
         old_data = old_module(args.old, "data_utils.py", "old_data_utils", Path(tmp))
         old_eval = old_module(args.old, "test_eval.py", "old_test_eval", Path(tmp))
         train = [c for n in splits["train"] for c in captions.get(n, [])]

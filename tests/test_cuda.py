@@ -1,16 +1,24 @@
-"""The GPU path (issue 11, item 8): a training step under each AMP mode, a DataParallel step,
-greedy and beam search, and feature extraction, all on CUDA.
+"""The GPU path for real, where a GPU is lent: training steps under each AMP mode, `run_training`
+end to end on the demo set with a resume in the middle (and a resume under another precision),
+DataParallel under bf16, a two-GPU torchrun/NCCL run, SCST steps, decoding and extraction.
 
 conftest.py hides every GPU from the suite, so on a CPU machine this module is skipped with its
-reason. On a GPU machine run it with the GPU left visible:
+reason (tests/test_cuda_paths.py checks the same paths on fake CUDA tensors there). On a GPU
+machine run it with the GPU left visible, or run bench/gpu_check.sh, which also times the decoder:
 
     CAPTIONER_TEST_CUDA=1 .venv/bin/python -m pytest -q tests/test_cuda.py
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
 import pytest
 import torch
-from torch import nn
 
 import data_utils
 import decoding
@@ -18,14 +26,19 @@ import devices
 import extract
 import features
 import helpers_infer as hi
+import main as cli
 import model
 import train
+import train_net
 from config import DecodeConfig, TrainConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="no CUDA GPU visible (conftest.py hides GPUs unless CAPTIONER_TEST_CUDA=1 is set)")
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2,
+                              reason=f"needs 2 GPUs, {torch.cuda.device_count()} visible")
 
 
 @pytest.fixture(scope="module")
@@ -74,20 +87,77 @@ def test_training_steps_lower_the_loss_under_each_amp_mode(amp):
     cfg = hi.tiny_model_config()
     torch.manual_seed(0)
     m = model.build_model(cfg).to(CUDA)
-    losses = run_steps(train.TrainStep(m), m, cfg, amp, steps=15)
+    losses = run_steps(train.TrainStep(m, devices.resolve_amp(amp, CUDA)), m, cfg, amp, steps=15)
     assert losses[-1] < 0.7 * losses[0], losses
     assert all(torch.isfinite(p).all() for p in m.parameters())
 
 
-def test_data_parallel_step_equals_the_plain_step():
+@two_gpus
+def test_data_parallel_under_bf16_computes_in_bf16_on_every_gpu_and_learns():
+    """Each replica's output projection runs in bf16 (not the fp16 a replica thread defaults to)."""
     cfg = hi.tiny_model_config()
     torch.manual_seed(0)
-    plain = model.build_model(cfg).to(CUDA)
-    wrapped = model.build_model(cfg).to(CUDA)
-    wrapped.load_state_dict(plain.state_dict())
-    a = run_steps(train.TrainStep(plain), plain, cfg, "off", steps=2)
-    b = run_steps(nn.DataParallel(train.TrainStep(wrapped)), wrapped, cfg, "off", steps=2)
-    assert b == pytest.approx(a, rel=1e-3)
+    m = model.build_model(cfg).to(CUDA)
+    net = train.wrap_for_devices(train.TrainStep(m, torch.bfloat16), TrainConfig(multi_gpu=True), CUDA,
+                                 devices.Dist())
+    assert isinstance(net, train_net.HostDataParallel)
+    seen, lock = set(), threading.Lock()
+
+    def hook(module, args, out):
+        with lock:
+            seen.add((out.device.index, out.dtype))
+
+    handle = m.decoder.fc.register_forward_hook(hook)  # replicate() copies the hook to each replica
+    try:
+        losses = run_steps(net, m, cfg, "bf16", steps=15)
+    finally:
+        handle.remove()
+    assert seen == {(0, torch.bfloat16), (1, torch.bfloat16)}
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def demo_args(out: Path, *extra: str) -> list[str]:
+    """--mode train on the demo set (the demo preset), two tiny epochs, on the GPU."""
+    return ["--mode", "train", "--device", "cuda", "--demo_dir", str(out.parent / "demo"),
+            "--weights_dir", str(out / "weights"), "--graphs_dir", str(out / "graphs"),
+            "--batch_size", "40", "--num_workers", "0", *extra]
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
+def test_run_training_on_the_demo_set_resumes_under_each_amp_mode(amp, tmp_path, caplog):
+    out = tmp_path / amp
+    assert cli.main(demo_args(out, "--amp", amp, "--epochs", "1")) == 0
+    assert cli.main(demo_args(out, "--amp", amp, "--epochs", "2", "--resume", "auto")) == 0
+    history = json.loads((out / "weights" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and history[1]["loss"] < history[0]["loss"]
+    assert all(h["skipped_nonfinite"] == 0 for h in history)
+    if amp != "fp16":  # resumed under fp16: a fresh dynamic scaler, said so
+        caplog.set_level("INFO")
+        assert cli.main(demo_args(out, "--amp", "fp16", "--epochs", "3", "--resume", "auto")) == 0
+        assert "this run with fp16: a fresh gradient scaler" in caplog.text
+
+
+def test_scst_steps_on_cuda(tmp_path):
+    xe = tmp_path / "xe"
+    assert cli.main(demo_args(xe, "--epochs", "1")) == 0
+    scst = tmp_path / "scst"
+    assert cli.main(demo_args(scst, "--objective", "scst", "--init_from", str(xe / "weights" / "best.pt"),
+                              "--epochs", "1", "--amp", "bf16")) == 0
+    history = json.loads((scst / "weights" / "history.json").read_text())
+    assert history[0]["reward"] > 0 and history[0]["skipped_nonfinite"] == 0
+
+
+@two_gpus
+def test_torchrun_over_two_gpus_with_nccl(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "main.py"), *demo_args(out, "--epochs", "1", "--amp", "bf16")]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, TQDM_DISABLE="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(nccl)" in done.stderr
+    history = json.loads((out / "weights" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1]
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])

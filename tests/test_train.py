@@ -294,9 +294,9 @@ _DDP_SCRIPT = textwrap.dedent("""
                               features_dir={features!r})
     built = []
     real = train.TrainStep.__init__
-    def spy(self, model):
+    def spy(self, model, *args):
         built.append(model)
-        real(self, model)
+        real(self, model, *args)
     train.TrainStep.__init__ = spy
     status = train.run_training(*cfgs)
     torch.save(built[0].state_dict(), out / f"rank{{os.environ['RANK']}}.pt")
