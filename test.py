@@ -72,7 +72,7 @@ def load_captioner(checkpoint, device="auto", *, need_encoder: bool = True) -> C
     encoder = (ckpt.get("model_config") or {}).get("encoder")
     if need_encoder and encoder == "features":
         feats = ckpt.get("features") or {}
-        where = f" ({feats.get('path') or feats.get('dir') or feats.get('key')})" if feats else ""
+        where = f" ({feats.get('dir') or feats.get('key')})" if feats else ""
         raise ValueError(f"checkpoint {source} was trained on precomputed features{where}: it has no "
                          f"image encoder, so it cannot caption photos; use a checkpoint trained on "
                          f"images, or --mode eval with the same features directory")
