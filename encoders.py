@@ -417,9 +417,21 @@ class Encoder(nn.Module):
             return _token_grid(self.body, x)  # (B, C, h, w)
         return x.permute(0, 3, 1, 2) if getattr(self.body, "output_fmt", "NCHW") == "NHWC" else x
 
+    def _warn_if_pool_enlarges(self, grid: Tensor) -> None:
+        """Once: a grid smaller than --encoded_size is repeated, not refined (more positions to
+        attend over, no new information), e.g. EfficientNet-Lite0's 7x7 at the default 14."""
+        h, w = grid.shape[-2:]
+        s = self.pool.output_size
+        if (h < s or w < s) and not getattr(self, "_warned_pool", False):
+            self._warned_pool = True
+            log.warning("the encoder's grid is %dx%d at this input size; --encoded_size %d repeats its "
+                        "cells (%d positions, no new information): pass --encoded_size %d", h, w, s,
+                        s * s, min(h, w))
+
     def forward(self, images: Tensor) -> Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
             x = self.grid(images)  # (B, C, h, w)
         assert x.size(1) == self.channels, f"{x.size(1)} channels, the spec says {self.channels}"
+        self._warn_if_pool_enlarges(x)
         x = self.pool(x)  # (B, C, S, S)
         return x.flatten(2).transpose(1, 2).contiguous()  # (B, P, C)

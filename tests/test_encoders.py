@@ -113,6 +113,22 @@ def test_timm_cnn_grid_is_its_last_feature_map_pooled():
         assert torch.equal(model.encoder(x), grid.flatten(2).transpose(1, 2))  # (2, 4, 256)
 
 
+def test_a_grid_smaller_than_encoded_size_is_named_once_with_the_size_to_pass(caplog):
+    # 64 px through test_efficientnet is a 2x2 grid; --encoded_size 4 would repeat each cell 4 times.
+    cfg = M.ModelConfig(vocab_size=9, encoder=CNN, pretrained=False, image_size=64, encoded_size=4, **TINY)
+    model = M.build_model(cfg).eval()
+    with caplog.at_level("WARNING", logger="encoders"), torch.no_grad():
+        assert model.encoder(torch.randn(1, 3, 64, 64)).shape == (1, 16, 256)
+        model.encoder(torch.randn(1, 3, 64, 64))
+    warned = [r.getMessage() for r in caplog.records if "repeats its cells" in r.getMessage()]
+    assert warned == ["the encoder's grid is 2x2 at this input size; --encoded_size 4 repeats its cells "
+                      "(16 positions, no new information): pass --encoded_size 2"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="encoders"), torch.no_grad():  # a grid pooled down: silent
+        M.build_model(dataclasses.replace(cfg, encoded_size=1)).eval().encoder(torch.randn(1, 3, 64, 64))
+    assert not caplog.records
+
+
 def test_vit_grid_is_its_patch_tokens_without_the_class_token():
     cfg = M.ModelConfig(vocab_size=9, encoder=VIT, pretrained=False, encoded_size=10, **TINY)
     model = M.build_model(cfg).eval()
