@@ -21,7 +21,9 @@ Inception v3 4 (stem, Mixed_5, Mixed_6, Mixed_7; default 2), the small CNN 4 (al
 starts from random weights), timm models their coarse parameter groups (`group_matcher(coarse=True)`:
 the stem, then each block stage; default 3: for tf_efficientnet_lite0 blocks.4-6, the last with
 conv_head (3.1 M of its 3.4 M backbone parameters, but the low-resolution end of its compute), for a
-ViT its last three blocks (the last with the final norm), for ConvNeXt stages.2-3 and the head's norm).
+ViT its last three blocks (the last with the final norm), for ConvNeXt stages.1-3). Only groups on
+the grid's path count: ConvNeXt's head norm, which `forward_features` never uses, is no stage and
+never trains.
 
 Shape letters: B batch, P positions (S*S), C channels, h/w the backbone's grid, N tokens.
 """
@@ -55,6 +57,7 @@ INCEPTION_STAGES = (["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool
                      "Conv2d_4a_3x3", "maxpool2"], ["Mixed_5b", "Mixed_5c", "Mixed_5d"],
                     ["Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"], ["Mixed_7a", "Mixed_7b", "Mixed_7c"])
 TIMM_DEFAULT_STAGES = 3
+OFF_PATH = -1  # the stage of a parameter the grid never uses: never trained
 
 
 class EncoderWeightsError(ValueError):
@@ -346,10 +349,39 @@ def _timm_body(cfg: ModelConfig) -> tuple[nn.Module, dict[str, int]]:
     else:
         model = _create_timm(name, pretrained=False)
     groups = _timm().models.group_parameters(model, model.group_matcher(coarse=True))
-    order = {gid: i for i, gid in enumerate(sorted(groups))}
-    stage_of = {p: order[gid] for gid, names in groups.items() for p in names}
-    last = max(stage_of.values(), default=0)
-    return model, {n: stage_of.get(n, last) for n, _ in model.named_parameters()}
+    # Stages count only groups on the grid's path: a head's own norm (ConvNeXt's head.norm) is not,
+    # and "fine-tune the last stage" must not mean training a layer the grid never passes.
+    on_path = _grid_path(model, cfg.preprocess.size)
+    used = sorted(gid for gid, names in groups.items() if any(n in on_path for n in names))
+    order = {gid: i for i, gid in enumerate(used)}
+    stage_of = {p: order.get(gid, OFF_PATH) for gid, names in groups.items() for p in names}
+    return model, {n: stage_of.get(n, len(used) - 1) if n in on_path else OFF_PATH
+                   for n, _ in model.named_parameters()}
+
+
+def _grid_path(model: nn.Module, size: int) -> set[str]:
+    """Names of the parameters `forward_features` uses: one forward of a blank image in eval mode
+    (BatchNorm statistics untouched), its autograd graph walked back to the parameters."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    was_training, flags = model.training, [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            out = model.forward_features(torch.zeros(1, 3, size, size))
+    finally:
+        model.train(was_training)
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+    on_path, seen, todo = set(), set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):  # AccumulateGrad: a leaf, i.e. a parameter
+            on_path.add(names.get(id(fn.variable)))
+        todo.extend(f for f, _ in fn.next_functions)
+    return on_path
 
 
 def _token_grid(model: nn.Module, tokens: Tensor) -> Tensor:

@@ -174,6 +174,20 @@ def test_fine_tuning_trains_the_last_stages_of_timms_coarse_groups():
             for n, p in vit.body.named_parameters() if p.requires_grad} == {"blocks4", "blocks5", "norm"}
 
 
+def test_a_head_norm_off_the_grids_path_is_no_stage_and_never_trains():
+    # ConvNeXt's head.norm is a coarse group of its own, but forward_features never uses it: the
+    # last stage must be stages.3, or --fine_tune_stages 1 would train nothing the grid passes.
+    cfg = M.ModelConfig(vocab_size=9, encoder="timm/test_convnext", pretrained=False, encoder_from_scratch=False,
+                        fine_tune_encoder=True, fine_tune_stages=1, image_size=64, encoded_size=2, **TINY)
+    encoder = M.build_model(cfg).encoder
+    assert encoder.num_stages == 5  # stem, stages.0-3
+    assert {n.split(".")[0] + n.split(".")[1] for n, p in encoder.body.named_parameters()
+            if p.requires_grad} == {"stages3"}
+    assert encoder(torch.randn(2, 3, 64, 64)).requires_grad
+    scratch = M.build_model(dataclasses.replace(cfg, encoder_from_scratch=True)).encoder
+    assert not any(p.requires_grad for n, p in scratch.body.named_parameters() if n.startswith("head."))
+
+
 # ---------------------------------------------------------------- end to end
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
