@@ -85,7 +85,7 @@ class ModelConfig:
     encoder: str = "resnet50"             # resnet18/34/50/101/152, inception_v3, small_cnn, timm/NAME, or "features" (no CNN)
     pretrained: bool = True               # pretrained weights: torchvision's download, or timm's (Hugging Face)
     encoder_weights: str | None = None    # local weights file (safetensors or state dict) instead of the download
-    encoded_size: int = 14                # adaptive pool of the feature map to S x S, P = S*S
+    encoded_size: int | None = None       # adaptive pool of the feature map to S x S, P = S*S; None: the backbone's own grid (7 for ResNet-50 at 224 px)
     image_size: int | None = None         # input crop; None: the encoder's native size (224; 299 Inception)
     crop_pct: float | None = None         # share of the resized shorter side the centre crop keeps; None: the encoder's own
     feature_dim: int | None = None        # C; from the encoder spec, or by the caller from a features file
@@ -146,7 +146,8 @@ class ModelConfig:
 
     @property
     def num_positions(self) -> int:
-        """P for an image encoder (a features file brings its own)."""
+        """P for an image encoder (a features file brings its own; a resolved config: encoders.resolve)."""
+        assert self.encoded_size is not None, "resolve the config first (encoders.resolve)"
         return self.encoded_size * self.encoded_size
 
     @property

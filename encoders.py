@@ -13,7 +13,8 @@ Three families share one interface (`Encoder`: images (B,3,H,W) -> feats (B,P,C)
 `resolve(cfg)` fills a ModelConfig's channels (`feature_dim`), preprocessing (`preprocess`) and
 default `fine_tune_stages` from the spec; checkpoints store the resolved config, so test, serve,
 eval, extraction and export read the preprocessing the model was trained with. Every grid is
-pooled to S x S (`encoded_size`).
+pooled to S x S (`encoded_size`; unset, the backbone's own grid at its input size, 7 x 7 for
+ResNet-50 at 224 px, so nothing is pooled up).
 
 A stage is a block of the backbone that fine-tuning trains or keeps frozen, counted from the top:
 ResNets have 5 (stem, layer1..layer4; default 3: layer2..4, as in the reference tutorial),
@@ -103,7 +104,8 @@ def family(name: str) -> str:
 def resolve(cfg: ModelConfig) -> ModelConfig:
     """`cfg` with the encoder's channels, preprocessing and default fine-tuned stages filled in
     (fields already set are kept: a checkpoint's stored values win). No weights are loaded."""
-    if cfg.encoder == FEATURES or (cfg.feature_dim and cfg.preprocess and cfg.fine_tune_stages):
+    if cfg.encoder == FEATURES or (cfg.feature_dim and cfg.preprocess and cfg.fine_tune_stages
+                                   and cfg.encoded_size):
         return cfg
     if family(cfg.encoder) == "timm":
         channels, native, default_stages = _timm_native(cfg.encoder[len(TIMM_PREFIX):], cfg.image_size)
@@ -112,7 +114,31 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
         channels, native, default_stages = spec.channels, spec.preprocess, spec.default_stages
     preprocess = cfg.preprocess or _at_size(native, cfg.image_size, cfg.crop_pct)
     return dataclasses.replace(cfg, feature_dim=channels, preprocess=preprocess,
-                               fine_tune_stages=cfg.fine_tune_stages or default_stages)
+                               fine_tune_stages=cfg.fine_tune_stages or default_stages,
+                               encoded_size=cfg.encoded_size or native_side(cfg.encoder, preprocess.size))
+
+
+@functools.lru_cache(maxsize=32)
+def native_side(encoder: str, size: int) -> int:
+    """The side of the backbone's last feature map for `size` px inputs (ResNet-50 at 224: 7), from
+    one forward on the meta device (no weights, no compute; a model that cannot be built there, on
+    the CPU)."""
+    fam = family(encoder)
+
+    def side() -> int:
+        body = (_create_timm(encoder[len(TIMM_PREFIX):], pretrained=False) if fam == "timm"
+                else _builtin_body(ModelConfig(vocab_size=5, encoder=encoder, pretrained=False))[0])
+        with torch.no_grad():
+            return min(_grid(fam, body.eval(), torch.zeros(1, 3, size, size)).shape[-2:])
+
+    try:
+        with torch.device("meta"):
+            return side()
+    except ValueError:
+        raise
+    except Exception as exc:
+        log.debug("%s cannot run on the meta device (%s); measuring its grid on the CPU", encoder, exc)
+        return side()
 
 
 def _at_size(native: Preprocess, size: int | None, crop_pct: float | None) -> Preprocess:
@@ -384,6 +410,16 @@ def _grid_path(model: nn.Module, size: int) -> set[str]:
     return on_path
 
 
+def _grid(fam: str, body: nn.Module, images: Tensor) -> Tensor:
+    """images (B,3,H,W) -> the backbone's last feature map (B,C,h,w)."""
+    if fam != "timm":
+        return body(images)  # (B, C, h, w)
+    x = body.forward_features(images)
+    if x.dim() == 3:
+        return _token_grid(body, x)  # (B, C, h, w)
+    return x.permute(0, 3, 1, 2) if getattr(body, "output_fmt", "NCHW") == "NHWC" else x
+
+
 def _token_grid(model: nn.Module, tokens: Tensor) -> Tensor:
     """A ViT's tokens (B, prefix + h*w, C) -> its patch grid (B, C, h, w), class/register tokens dropped."""
     x = tokens[:, getattr(model, "num_prefix_tokens", 0):]  # (B, N, C)
@@ -442,12 +478,7 @@ class Encoder(nn.Module):
 
     def grid(self, images: Tensor) -> Tensor:
         """images (B,3,H,W) -> the backbone's last feature map (B,C,h,w)."""
-        if self.family != "timm":
-            return self.body(images)  # (B, C, h, w)
-        x = self.body.forward_features(images)
-        if x.dim() == 3:
-            return _token_grid(self.body, x)  # (B, C, h, w)
-        return x.permute(0, 3, 1, 2) if getattr(self.body, "output_fmt", "NCHW") == "NHWC" else x
+        return _grid(self.family, self.body, images)
 
     def _warn_if_pool_enlarges(self, grid: Tensor) -> None:
         """Once: a grid smaller than --encoded_size is repeated, not refined (more positions to

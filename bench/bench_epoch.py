@@ -2,7 +2,7 @@
 
 Writes a synthetic features file in the public format (N images x P positions x C channels,
 float16, default 6,000 x 196 x 2,048 = 4.8 GB, like ResNet-50 features of Flickr8k's training
-split), five random captions per image over a 2,500-word vocabulary (lengths like Flickr8k's:
+split at 448 px, a 14 x 14 grid; `--positions 49` is its own 7 x 7 grid at the default 224 px), five random captions per image over a 2,500-word vocabulary (lengths like Flickr8k's:
 mean ~11 words), then trains the default decoder (512/512/512, two layers) on it with the real
 training loop (`train.train_one_epoch`, batch 128) and greedy-decodes the validation images as
 the real validation does. Prints JSON.
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         store = data_utils.FeatureStore.open(feats_dir)
         vocab = data_utils.Vocabulary.build((t for r in records for t in r.tokens), min_freq=1)
         model_cfg = model_lib.ModelConfig(vocab_size=len(vocab), encoder="features",
-                                          feature_dim=store.channels, encoded_size=14, **dims)
+                                          feature_dim=store.channels, **dims)
         model = model_lib.build_model(model_cfg).to(device)
         cfg = train.TrainConfig(batch_size=args.batch_size, wandb="disabled")
         optimizer = train.make_optimizer(model, model_cfg, cfg)

@@ -59,6 +59,12 @@ def test_resolve_fills_channels_preprocessing_and_stages_from_the_encoder():
     vit = M.resolve(M.ModelConfig(vocab_size=9, encoder=VIT))
     assert (vit.feature_dim, vit.preprocess.size, vit.preprocess.interpolation) == (64, 160, "bicubic")
     assert M.resolve(r50) is r50  # idempotent: a stored spec is kept
+    # The grid: the backbone's own last feature map unless --encoded_size says otherwise, never
+    # enlarged by default (ResNet-50 at 224 px is 7x7; pooling that to 14x14 repeats each cell).
+    assert (r50.encoded_size, lite0.encoded_size, vit.encoded_size, inception.encoded_size) == (7, 7, 10, 1)
+    assert M.resolve(M.ModelConfig(vocab_size=9, encoder="resnet18", image_size=128)).encoded_size == 4
+    assert M.resolve(M.ModelConfig(vocab_size=9, encoder="inception_v3")).encoded_size == 8
+    assert M.resolve(M.ModelConfig(vocab_size=9, encoded_size=14)).encoded_size == 14  # asked for: kept
     assert set(encoders.BUILTIN) == set(config.BUILTIN_ENCODERS)  # every name --encoder takes has a spec
 
 
