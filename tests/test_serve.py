@@ -21,7 +21,7 @@ import checkpoint
 import decoding
 import export
 import helpers_infer as hi
-from helpers_browser import open_browser
+from helpers_browser import console_errors, open_browser
 import serve
 import test as test_mod
 from config import DecodeConfig
@@ -193,6 +193,7 @@ def test_a_browser_captions_a_photo_and_shows_the_attention_panels(url, tmp_path
     driver = open_browser(tmp_path / "profile")
     try:
         assert caption_in_browser(driver, url, photo) == hi.KINDS["red"][1]
+        assert console_errors(driver) == []  # not even a favicon 404
         rows = driver.find_elements(By.CSS_SELECTOR, "#candidates tr")
         assert len(rows) >= 2 and hi.KINDS["red"][1] in rows[1].text  # header + best first
         panels = driver.find_element(By.ID, "attention")
