@@ -131,14 +131,20 @@ def native_side(encoder: str, size: int) -> int:
         with torch.no_grad():
             return min(_grid(fam, body.eval(), torch.zeros(1, 3, size, size)).shape[-2:])
 
+    return _meta_first(side, encoder)
+
+
+def _meta_first(fn: Callable, what: str):
+    """`fn()` with tensors created on the meta device (no memory, no compute); on the CPU for a model
+    whose constructor or forward computes on its tensors. A ValueError (a bad name) is not retried."""
     try:
         with torch.device("meta"):
-            return side()
+            return fn()
     except ValueError:
         raise
     except Exception as exc:
-        log.debug("%s cannot run on the meta device (%s); measuring its grid on the CPU", encoder, exc)
-        return side()
+        log.debug("%s cannot run on the meta device (%s); on the CPU", what, exc)
+        return fn()
 
 
 def _at_size(native: Preprocess, size: int | None, crop_pct: float | None) -> Preprocess:
@@ -332,14 +338,7 @@ def _create_timm(name: str, pretrained: bool) -> nn.Module:
 def _timm_native(name: str, image_size: int | None) -> tuple[int, Preprocess, int]:
     """(channels, native preprocessing, default stages) of a timm model, built on the meta device
     (no memory, no weights)."""
-    try:
-        with torch.device("meta"):
-            model = _create_timm(name, pretrained=False)
-    except ValueError:
-        raise
-    except Exception as exc:  # a model whose constructor computes on its tensors: build it for real
-        log.debug("%s cannot be built on the meta device (%s); building it on the CPU", name, exc)
-        model = _create_timm(name, pretrained=False)
+    model = _meta_first(lambda: _create_timm(name, pretrained=False), name)
     data = _timm().data.resolve_model_data_config(model)
     size = int(data["input_size"][-1])
     if image_size not in (None, size) and model.pretrained_cfg.get("fixed_input_size"):
@@ -377,27 +376,24 @@ def _timm_body(cfg: ModelConfig) -> tuple[nn.Module, dict[str, int]]:
     groups = _timm().models.group_parameters(model, model.group_matcher(coarse=True))
     # Stages count only groups on the grid's path: a head's own norm (ConvNeXt's head.norm) is not,
     # and "fine-tune the last stage" must not mean training a layer the grid never passes.
-    on_path = _grid_path(model, cfg.preprocess.size)
+    on_path = _grid_path(name, cfg.preprocess.size)
     used = sorted(gid for gid, names in groups.items() if any(n in on_path for n in names))
-    order = {gid: i for i, gid in enumerate(used)}
-    stage_of = {p: order.get(gid, OFF_PATH) for gid, names in groups.items() for p in names}
+    stage_of = {p: i for i, gid in enumerate(used) for p in groups[gid]}
     return model, {n: stage_of.get(n, len(used) - 1) if n in on_path else OFF_PATH
                    for n, _ in model.named_parameters()}
 
 
-def _grid_path(model: nn.Module, size: int) -> set[str]:
-    """Names of the parameters `forward_features` uses: one forward of a blank image in eval mode
-    (BatchNorm statistics untouched), its autograd graph walked back to the parameters."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    was_training, flags = model.training, [p.requires_grad for p in model.parameters()]
-    model.eval().requires_grad_(True)
-    try:
+@functools.lru_cache(maxsize=16)
+def _grid_path(name: str, size: int) -> frozenset[str]:
+    """Names of the parameters timm's `name` uses in `forward_features`: one forward of a blank
+    image through a copy built on the meta device, its autograd graph walked back to the parameters."""
+    def forward() -> tuple[Tensor, dict[int, str]]:
+        model = _create_timm(name, pretrained=False).eval().requires_grad_(True)
         with torch.enable_grad():
             out = model.forward_features(torch.zeros(1, 3, size, size))
-    finally:
-        model.train(was_training)
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
+        return out, {id(p): n for n, p in model.named_parameters()}
+
+    out, names = _meta_first(forward, name)
     on_path, seen, todo = set(), set(), [out.grad_fn]
     while todo:
         fn = todo.pop()
@@ -407,7 +403,7 @@ def _grid_path(model: nn.Module, size: int) -> set[str]:
         if hasattr(fn, "variable"):  # AccumulateGrad: a leaf, i.e. a parameter
             on_path.add(names.get(id(fn.variable)))
         todo.extend(f for f, _ in fn.next_functions)
-    return on_path
+    return frozenset(on_path)
 
 
 def _grid(fam: str, body: nn.Module, images: Tensor) -> Tensor:
@@ -451,6 +447,7 @@ class Encoder(nn.Module):
         self.from_scratch = bool(cfg.encoder_from_scratch)
         self._tune_from = 0 if self.from_scratch else self.num_stages - cfg.fine_tune_stages
         self.pool = nn.AdaptiveAvgPool2d(cfg.encoded_size)
+        self._warned_pool = False  # _warn_if_pool_enlarges: once per encoder
         self.channels = cfg.feature_dim
         self.fine_tune(cfg.fine_tune_encoder)
 
@@ -485,7 +482,7 @@ class Encoder(nn.Module):
         attend over, no new information), e.g. EfficientNet-Lite0's 7x7 at the default 14."""
         h, w = grid.shape[-2:]
         s = self.pool.output_size
-        if (h < s or w < s) and not getattr(self, "_warned_pool", False):
+        if (h < s or w < s) and not self._warned_pool:
             self._warned_pool = True
             log.warning("the encoder's grid is %dx%d at this input size; --encoded_size %d repeats its "
                         "cells (%d positions, no new information): pass --encoded_size %d", h, w, s,
