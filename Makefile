@@ -22,3 +22,4 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_decoder.py --json
+	$(PY) bench/bench_scst.py

@@ -45,6 +45,13 @@ def test_bench_cider_quick(capsys):
     assert result["candidates"] == 8 * 5 and result["ours_ms"] >= 0
 
 
+def test_bench_scst_quick_splits_a_step_into_its_parts(capsys):
+    result = run_bench("bench_scst", ["--quick", "--threads", "1", "--baseline", "greedy"], capsys)
+    assert result["timed_steps"] == 2 and result["images_per_step"] == 4 and result["greedy_ms"] > 0
+    parts = sum(result[f"{p}_ms"] for p in ("sample", "words", "reward", "greedy", "rest"))
+    assert parts == pytest.approx(result["step_ms"], abs=0.5)
+
+
 def test_bench_tokenizers_quick(capsys):
     has_old = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", "4acb0bd^{commit}"],
                              capture_output=True).returncode == 0
