@@ -73,7 +73,8 @@ def real_setup(args) -> tuple:
     model, vocab, model_cfg = ckpt_lib.model_from_checkpoint(ckpt_lib.load_checkpoint(args.checkpoint))
     splits = data_utils.load_dataset(DataConfig(dataset_path=args.dataset_path))
     store = data_utils.FeatureStore.open(Path(args.features_dir))
-    records = [r for r in splits.train if r.name in set(store.names)]
+    cached = set(store.names)
+    records = [r for r in splits.train if r.name in cached]
     return model, model_cfg, vocab, records, store, DataConfig().max_caption_len
 
 
