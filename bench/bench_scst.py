@@ -135,6 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     real = [args.checkpoint, args.dataset_path, args.features_dir]
     if any(real) and not all(real):
         ap.error("--checkpoint, --dataset_path and --features_dir go together")
+    args.real = all(real)
     if args.quick:
         args.steps, args.batch_size, args.positions, args.channels, args.vocab = 2, 20, 4, 16, 50
     return args
@@ -142,7 +143,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    real = [args.checkpoint, args.dataset_path, args.features_dir]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -150,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     amp_dtype = devices.resolve_amp(args.amp, args.device)
     root = Path(tempfile.mkdtemp(prefix="bench_scst_"))
     try:
-        model, model_cfg, vocab, records, store, max_len = real_setup(args) if all(real) else synthetic_setup(args, root)
+        model, model_cfg, vocab, records, store, max_len = real_setup(args) if args.real else synthetic_setup(args, root)
         model.to(args.device)
-        cfg = TrainConfig(objective="scst", lr=2e-4, batch_size=args.batch_size, scst_samples=args.samples,
-                          scst_baseline=args.baseline, wandb="disabled")
+        cfg = TrainConfig(objective="scst", batch_size=args.batch_size, scst_samples=args.samples,
+                          scst_baseline=args.baseline, wandb="disabled")  # lr: SCST's default
         images = max(1, args.batch_size // args.samples)
         loader = data_utils.make_loader(data_utils.ImageDataset(records, features=store), images,
                                         shuffle=True, seed=0, collate=data_utils.collate_images)
@@ -171,10 +171,11 @@ def main(argv: list[str] | None = None) -> int:
                                  objective=objective)
                 if args.device.type == "cuda":
                     torch.cuda.synchronize()
-                now = dict(clock.now, total=time.perf_counter() - t)
-                now["rest"] = now["total"] - sum(now.get(p, 0.0) for p in PARTS if p != "rest")
+                total = time.perf_counter() - t
+                now = {p: clock.now[p] for p in PARTS if p != "rest"}  # a part not run: 0
+                now.update(rest=total - sum(now.values()), total=total)
                 if i > 0:  # the first step pays one-time costs (allocator, kernels)
-                    steps.append(defaultdict(float, now))
+                    steps.append(now)
                     totals = train.EpochTotals()
                     sums.read(totals)
                     lengths.append(totals.tokens / max(totals.captions, 1))
